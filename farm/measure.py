@@ -1,0 +1,209 @@
+"""Measure every candidate of one problem on this host: the manager side.
+
+The manager starts a worker process (farm.worker), reads its events, and turns a crash or a
+hang into that candidate's status: it kills the worker, records the culprit and starts a new
+worker for the candidates still owed a measurement. Timing is paired, so only samples of the
+final worker's rounds are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from kernels.candidates import AA_CONTROL, ATEN, CandidateError, parse, small_m_int8_path, space
+
+from . import faults as fault_mod
+from .errors import UserError
+from .host import EMULATION_ENV, ISA_CLASSES, can_run, native_isa, runnable
+from .problem import Problem, validate
+from .protocol import Protocol
+from .record import build_record
+
+FAILED = ("compile_error", "crash", "timeout", "wrong_result", "unsupported")
+
+
+@dataclass
+class Attempt:
+    """What one worker process reported before it finished, crashed or was killed."""
+
+    host: dict | None = None
+    compiled: dict[str, dict] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    iters: dict[str, int] = field(default_factory=dict)
+    timing_s: float = 0.0
+    outcome: str = "done"  # done | crash | timeout
+    culprit: str | None = None
+    detail: str = ""
+    wall_s: float = 0.0
+
+
+def candidate_ids(problem: Problem, grid: str = "pruned", only: list[str] | None = None) -> list[str]:
+    ids = [c.id for c in space(problem.threads, grid)]
+    if only:
+        for cid in only:
+            try:
+                parse(cid)
+            except CandidateError as exc:
+                raise UserError(f"--candidates: {exc}") from None
+        ids = [ATEN, AA_CONTROL] + [c for c in only if c not in (ATEN, AA_CONTROL)]
+    return ids
+
+
+def _pre_unsupported(problem: Problem, ids: list[str]) -> dict[str, dict]:
+    """Candidates known to be meaningless before compiling (reported, not dropped)."""
+    out = {}
+    if small_m_int8_path(problem.op, problem.dtype, problem.m):
+        for cid in ids:
+            if cid.startswith("cpp["):
+                out[cid] = {"status": "unsupported", "error": (
+                    "knobs have no effect: Inductor renders int8 x bf16 with M < 16 through "
+                    "SMALL_M_GEMM_TEMPLATE, which has no thread or cache blocking"), "compile_s": None}
+    return out
+
+
+def _worker_env(isa: str | None, threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(EMULATION_ENV.get(isa or "", {}))
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile pool: one core each is ours
+    return env
+
+
+def _signal_name(code: int) -> str:
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _run_worker(job: dict, workdir: str, timeout_s: float, log_path: str) -> Attempt:
+    job_path = os.path.join(workdir, "job.json")
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    read_fd, write_fd = os.pipe()
+    start = time.perf_counter()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farm.worker", job_path, str(write_fd)],
+            pass_fds=(write_fd,), env=_worker_env(job.get("isa"), job["problem"]["threads"]),
+            stdout=log, stderr=log, start_new_session=True,
+        )
+    os.close(write_fd)
+    attempt, current, buffer, finished = Attempt(), None, b"", False
+    try:
+        while not finished:
+            ready, _, _ = select.select([read_fd], [], [], timeout_s)
+            if not ready:
+                attempt.outcome, attempt.culprit = "timeout", current
+                attempt.detail = f"no progress for {timeout_s:.0f} s"
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            chunk = os.read(read_fd, 1 << 16)
+            if not chunk:
+                attempt.outcome, attempt.culprit = "crash", current
+                attempt.detail = f"worker died ({_signal_name(proc.wait())})"
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                event = json.loads(line)
+                if event["ev"] == "done":
+                    finished = True
+                    break
+                current = _apply_event(attempt, event, current)
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    attempt.wall_s = time.perf_counter() - start
+    return attempt
+
+
+def _apply_event(attempt: Attempt, event: dict, current: str | None) -> str | None:
+    kind = event["ev"]
+    if kind == "host":
+        attempt.host = event["profile"]
+    elif kind in ("compile", "run"):
+        return event["cand"]
+    elif kind == "compiled":
+        attempt.compiled[event["cand"]] = {k: v for k, v in event.items() if k not in ("ev", "cand")}
+        return None
+    elif kind == "timed":
+        attempt.samples, attempt.iters, attempt.timing_s = event["samples"], event["iters"], event["timing_s"]
+        return None
+    return current
+
+
+def _log_tail(path: str, chars: int = 1500) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - chars))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def check_isa(isa: str | None) -> None:
+    """Fail before any work when this host cannot run (or emulate) the ISA class asked for."""
+    if isa is None:
+        return
+    if isa not in ISA_CLASSES:
+        raise UserError(f"--isa: unknown ISA class {isa!r} (expected one of {', '.join(ISA_CLASSES)})")
+    native = native_isa()
+    if not can_run(native, isa):
+        raise UserError(f"--isa {isa}: this host is {native} and can run only {', '.join(runnable(native))}")
+
+
+def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = None, isa: str | None = None,
+            only: list[str] | None = None, faults: list[str] | None = None, workdir: str | None = None) -> dict:
+    """Measure all candidates of `problem`; returns the record (see farm.record)."""
+    protocol = protocol or Protocol()
+    validate(problem)
+    check_isa(isa)
+    ids = candidate_ids(problem, grid, only) + [fault_mod.fault_id(kind) for kind in faults or []]
+    final: dict[str, dict] = _pre_unsupported(problem, ids)
+    owed = [cid for cid in ids if cid not in final]
+    workdir = workdir or tempfile.mkdtemp(prefix="farm-measure-")
+    attempts: list[Attempt] = []
+    start = time.perf_counter()
+    while owed:
+        job = {"problem": problem.as_dict(), "protocol": protocol.as_dict(), "isa": isa,
+               "candidates": owed, "cache_root": os.path.join(workdir, f"inductor-{len(attempts)}")}
+        log_path = os.path.join(workdir, f"worker-{len(attempts)}.log")
+        attempt = _run_worker(job, workdir, protocol.timeout_s, log_path)
+        attempts.append(attempt)
+        for cid, result in attempt.compiled.items():
+            if result["status"] != "ok":
+                final[cid] = result
+        if attempt.outcome == "done":
+            for cid, result in attempt.compiled.items():
+                if result["status"] == "ok":
+                    final[cid] = result
+            break
+        if attempt.culprit is None:
+            raise RuntimeError(f"measurement worker failed outside any candidate: {attempt.detail}\n{_log_tail(log_path)}")
+        final[attempt.culprit] = {"status": attempt.outcome, "compile_s": None,
+                                  "error": f"{attempt.detail} while running {attempt.culprit}",
+                                  "log_tail": _log_tail(log_path)}
+        owed = [cid for cid in owed if cid not in final]
+    last = attempts[-1] if attempts else Attempt()
+    host = next((a.host for a in reversed(attempts) if a.host), None)
+    worker = {"attempts": len(attempts), "wall_s": time.perf_counter() - start,
+              "worker_wall_s": sum(a.wall_s for a in attempts), "timing_s": last.timing_s,
+              "compile_s": sum((r.get("compile_s") or 0.0) for r in final.values())}
+    return build_record(host, problem, ids, final, last.samples, last.iters, protocol, worker)

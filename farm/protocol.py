@@ -1,0 +1,49 @@
+"""The timing protocol's settings, recorded with every measurement."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    # 11 rounds is the least that gives a bootstrap median interval of useful width;
+    # 41 bounds the cost of a contested pair (a round of ~12 candidates is ~0.2 s warm).
+    min_rounds: int = 11
+    max_rounds: int = 41
+    extra_rounds_step: int = 10
+    # A batch of ~10 ms amortises the timer and Python dispatch (~us) to well below 1%.
+    batch_s: float = 0.01
+    warmup_s: float = 0.05
+    max_iters: int = 10_000
+    # Cold weights: at least this many flush+call samples per batch (each flush is ms).
+    cold_iters: int = 3
+    timeout_s: float = 300.0
+    bootstrap_resamples: int = 2000
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, where: str = "protocol") -> "Protocol":
+        data = dict(data or {})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+        proto = cls(**data)
+        for name in ("min_rounds", "max_rounds", "extra_rounds_step", "max_iters", "cold_iters", "bootstrap_resamples"):
+            value = getattr(proto, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{where}.{name}: must be a positive integer, got {value!r}")
+        for name in ("batch_s", "warmup_s", "timeout_s"):
+            value = getattr(proto, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{where}.{name}: must be a positive number, got {value!r}")
+        if proto.max_rounds < proto.min_rounds:
+            raise UserError(f"{where}.max_rounds: {proto.max_rounds} is below min_rounds {proto.min_rounds}")
+        if proto.min_rounds < 3:
+            raise UserError(f"{where}.min_rounds: at least 3 rounds are needed for an interval")
+        return proto

@@ -1,0 +1,95 @@
+"""The timing loop: calibrated batches, shuffled rounds, more rounds while the top two overlap."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable
+
+from kernels.candidates import AA_CONTROL, ATEN
+
+from . import stats
+from .protocol import Protocol
+
+Emit = Callable[..., None]
+
+
+def _time_warm(fn: Callable, x, iters: int) -> float:
+    start = time.perf_counter_ns()
+    for _ in range(iters):
+        fn(x)
+    return (time.perf_counter_ns() - start) / iters / 1e9
+
+
+def _time_cold(fn: Callable, x, iters: int, flush: Callable[[], None]) -> float:
+    total = 0
+    for _ in range(iters):
+        flush()  # evicts the weights from every cache level; not timed
+        start = time.perf_counter_ns()
+        fn(x)
+        total += time.perf_counter_ns() - start
+    return total / iters / 1e9
+
+
+def make_flush(llc_bytes: int) -> Callable[[], None]:
+    """Write a buffer of twice the last-level cache, as a model's other layers would."""
+    import torch
+
+    # At least 64 MiB when the LLC size is unknown; at most 1 GiB to bound wall time.
+    size = min(max(2 * llc_bytes, 64 << 20), 1 << 30)
+    scratch = torch.zeros(size // 4, dtype=torch.float32)
+    return lambda: scratch.add_(1.0)
+
+
+def calibrate(fn: Callable, x, protocol: Protocol) -> int:
+    """Iterations per batch so that a warm batch lasts about protocol.batch_s."""
+    deadline = time.perf_counter() + protocol.warmup_s
+    calls = 0
+    while time.perf_counter() < deadline or calls < 2:
+        fn(x)
+        calls += 1
+    per_call = _time_warm(fn, x, 1)
+    return max(1, min(protocol.max_iters, round(protocol.batch_s / max(per_call, 1e-9))))
+
+
+def decided(samples: dict[str, list[float]]) -> bool:
+    """True when the two best candidates' speedup intervals over ATen are apart."""
+    if ATEN not in samples:
+        return True
+    ranked = []
+    for cid, times in samples.items():
+        if cid in (ATEN, AA_CONTROL):
+            continue
+        speedups = stats.paired_speedups(samples[ATEN], times)
+        ranked.append((stats.median(speedups), stats.bootstrap_ci(speedups, resamples=500)))
+    ranked.append((1.0, (1.0, 1.0)))  # ATen itself
+    ranked.sort(key=lambda item: item[0], reverse=True)
+    return not stats.overlap(ranked[0][1], ranked[1][1])
+
+
+def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
+               flush: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Per-call seconds for each candidate, one sample per round; the same rounds for all."""
+    if not fns:
+        return {}, {}
+    iters = {cid: calibrate(fn, x, protocol) for cid, fn in fns.items()}
+    if flush is not None:
+        iters = {cid: protocol.cold_iters for cid in fns}
+    samples: dict[str, list[float]] = {cid: [] for cid in fns}
+    rng = random.Random(protocol.seed)
+    target, rounds = protocol.min_rounds, 0
+    while True:
+        order = list(fns)
+        rng.shuffle(order)
+        for cid in order:
+            emit(ev="run", cand=cid)  # lets the manager name the culprit of a crash or hang
+            if flush is None:
+                samples[cid].append(_time_warm(fns[cid], x, iters[cid]))
+            else:
+                samples[cid].append(_time_cold(fns[cid], x, iters[cid], flush))
+        rounds += 1
+        emit(ev="round", r=rounds, times={cid: samples[cid][-1] for cid in order})
+        if rounds >= target:
+            if rounds >= protocol.max_rounds or decided(samples):
+                return samples, iters
+            target = min(rounds + protocol.extra_rounds_step, protocol.max_rounds)

@@ -1,0 +1,111 @@
+"""The measuring process: compiles every candidate of one problem, checks, times, reports.
+
+Started by farm.measure in a fresh interpreter (so ATen's ISA can be chosen by environment
+and a crash or hang costs only this process). It only measures and writes JSON-lines events
+to the file descriptor it was given; the manager decides everything else.
+
+    python -m farm.worker JOB.json EVENT_FD
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _status_of(exc: BaseException) -> str:
+    from kernels.lowering import Unsupported
+    from kernels.template import KnobsIgnored
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (Unsupported, KnobsIgnored)):
+            return "unsupported"
+        exc = exc.__cause__ or exc.__context__
+    return "compile_error"
+
+
+def _root_message(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+
+
+def run(job: dict, emit) -> None:
+    import torch
+
+    from kernels.candidates import ATEN, parse
+
+    from . import faults
+    from .compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error
+    from .host import apply_emulation, profile
+    from .problem import Problem, make_operands
+    from .protocol import Protocol
+    from .timing import make_flush, run_rounds
+
+    problem = Problem.from_dict(job["problem"])
+    protocol = Protocol.from_dict(job["protocol"])
+    apply_emulation(job.get("isa"))
+    # Ray sets OMP_NUM_THREADS=1 in a 1-CPU task: the thread count is always explicit.
+    torch.set_num_threads(problem.threads)
+    host = profile(problem.threads)
+    emit(ev="host", profile=host.as_dict())
+
+    operands = make_operands(problem, seed=protocol.seed)
+    with torch.no_grad():
+        reference = operands.call_eager(problem)
+    fns = {}
+    for index, cid in enumerate(job["candidates"]):
+        emit(ev="compile", cand=cid)
+        fault = faults.kind_of(cid)
+        result = {"ev": "compiled", "cand": cid}
+        try:
+            if fault:
+                faults.before_compile(fault)
+            candidate = parse(ATEN) if fault else parse(cid)
+            cache_dir = os.path.join(job["cache_root"], f"candidate-{index}")
+            compiled = compile_candidate(problem, operands, candidate, cache_dir, wrong=fault == "wrong")
+            error = relative_error(compiled.output, reference)
+            ok = error <= TOLERANCE[problem.dtype]
+            result.update(
+                status="ok" if ok else "wrong_result", compile_s=compiled.compile_s, max_rel_err=error,
+                kernel=compiled.kernel, decisions=compiled.decisions,
+                error=None if ok else f"max relative error {error:.3g} > tolerance {TOLERANCE[problem.dtype]}",
+            )
+            if ok:
+                fns[cid] = compiled.fn
+        except Exception as exc:  # a failed candidate is data, never the end of the measurement
+            result.update(status=_status_of(exc), error=_root_message(exc), traceback=traceback.format_exc()[-2000:])
+        emit(**result)
+
+    flush = make_flush(host.l3_bytes) if problem.weights == "cold" else None
+    start, graphs_before = time.perf_counter(), graphs_compiled()
+    with torch.no_grad():
+        samples, iters = run_rounds(fns, operands.x, protocol, emit, flush)
+    if graphs_compiled() != graphs_before:
+        raise RuntimeError("a graph was compiled while timing: some callable did not run its own kernel")
+    emit(ev="timed", samples=samples, iters=iters, timing_s=time.perf_counter() - start)
+
+
+def main(argv: list[str]) -> int:
+    job_path, fd = argv[0], int(argv[1])
+    events = os.fdopen(fd, "w", buffering=1)
+
+    def emit(**event) -> None:
+        events.write(json.dumps(event) + "\n")
+
+    with open(job_path) as f:
+        job = json.load(f)
+    emit(ev="start", pid=os.getpid())
+    run(job, emit)
+    emit(ev="done")
+    events.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,187 @@
+"""The farm's choice space: every lowering choice of a weight-only-quantized matmul.
+
+A candidate is one lowering choice with its knobs, named by a stable id:
+
+    aten                              ATen's extern kernel (Inductor's default)
+    aten~aa                           ATen compiled a second time: the A/A noise control
+    cpp                               Inductor's C++ GEMM template, its own blocking heuristic
+    cpp[tf=2,1,1;cb=1,16,64;ks=1]     the template with explicit knobs (any subset of them)
+
+Knobs (Inductor's config.cpp names, applied to one kernel only):
+    tf  thread factors over (M, N, K); their product is the thread count (gemm_thread_factors)
+    cb  cache blocking (Mc, Nc, Kc) in register blocks (gemm_cache_blocking)
+    ks  maximum K-slices of the heuristic thread blocking (gemm_max_k_slices; 0 = unlimited)
+
+This module is pure Python: it is imported at compile time and by the farm's driver.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+
+OPS = ("int8", "int4")
+DTYPES = ("bf16", "fp16", "fp32")
+ATEN = "aten"
+AA_CONTROL = "aten~aa"
+
+# Bounds every knob must respect before it reaches generated C++ (tables are data).
+MAX_THREADS = 1024
+MAX_CACHE_BLOCKS = 4096
+MAX_K_SLICES = 1024
+
+# The pruned grid: cache blockings (register blocks) chosen to span the L1/L2 regimes of
+# the template's heuristic on AVX512/AVX2 hosts (Kr=1..16, Nr=16..32 elements); 1,16,64 is
+# the setting that took bf16 x int8 M=32 N=K=4096 from 41 ms to 15 ms in DESIGN.md.
+PRUNED_CACHE_BLOCKINGS = ((1, 16, 64), (2, 8, 32), (4, 4, 128))
+EXHAUSTIVE_MC = (1, 2, 4, 8)
+EXHAUSTIVE_NC = (1, 4, 16, 64)
+EXHAUSTIVE_KC = (16, 64, 256)
+EXHAUSTIVE_K_SLICES = (0, 1, 2)
+
+
+class CandidateError(ValueError):
+    """A candidate id or knob that is malformed or out of bounds."""
+
+
+@dataclass(frozen=True)
+class Knobs:
+    thread_factors: tuple[int, int, int] | None = None
+    cache_blocking: tuple[int, int, int] | None = None
+    k_slices: int | None = None
+
+    def is_default(self) -> bool:
+        return self == Knobs()
+
+    def as_dict(self) -> dict:
+        return {
+            "tf": list(self.thread_factors) if self.thread_factors else None,
+            "cb": list(self.cache_blocking) if self.cache_blocking else None,
+            "ks": self.k_slices,
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str  # "aten" or "cpp"
+    knobs: Knobs = field(default_factory=Knobs)
+    control: bool = False  # the A/A control: a second, separately compiled ATen
+
+    @property
+    def id(self) -> str:
+        if self.kind == ATEN:
+            return AA_CONTROL if self.control else ATEN
+        parts = []
+        if self.knobs.thread_factors:
+            parts.append("tf=" + ",".join(map(str, self.knobs.thread_factors)))
+        if self.knobs.cache_blocking:
+            parts.append("cb=" + ",".join(map(str, self.knobs.cache_blocking)))
+        if self.knobs.k_slices is not None:
+            parts.append(f"ks={self.knobs.k_slices}")
+        return "cpp" + (f"[{';'.join(parts)}]" if parts else "")
+
+    @property
+    def lowering_kind(self) -> str:
+        return self.kind
+
+    def __str__(self) -> str:
+        return self.id
+
+
+_ID_RE = re.compile(r"^cpp(?:\[(?P<body>[^\]]*)\])?$")
+
+
+def _triple(name: str, text: str, cand_id: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise CandidateError(f"{cand_id!r}: {name} must be three integers, got {text!r}") from None
+    if len(values) != 3:
+        raise CandidateError(f"{cand_id!r}: {name} must have 3 values (m,n,k), got {len(values)}")
+    return values  # type: ignore[return-value]
+
+
+def parse(cand_id: str) -> Candidate:
+    """Parse a candidate id; raises CandidateError naming what is wrong."""
+    if not isinstance(cand_id, str):
+        raise CandidateError(f"candidate id must be a string, got {type(cand_id).__name__}")
+    if cand_id == ATEN:
+        return Candidate(ATEN)
+    if cand_id == AA_CONTROL:
+        return Candidate(ATEN, control=True)
+    match = _ID_RE.match(cand_id)
+    if not match:
+        raise CandidateError(f"unknown candidate id {cand_id!r} (expected aten, cpp or cpp[...])")
+    tf = cb = ks = None
+    body = match.group("body")
+    for part in filter(None, (body or "").split(";")):
+        key, _, value = part.partition("=")
+        if key == "tf" and tf is None:
+            tf = _triple("tf", value, cand_id)
+        elif key == "cb" and cb is None:
+            cb = _triple("cb", value, cand_id)
+        elif key == "ks" and ks is None:
+            try:
+                ks = int(value)
+            except ValueError:
+                raise CandidateError(f"{cand_id!r}: ks must be an integer, got {value!r}") from None
+        else:
+            raise CandidateError(f"{cand_id!r}: unknown or repeated knob {key!r}")
+    return Candidate("cpp", Knobs(tf, cb, ks))
+
+
+def check_bounds(candidate: Candidate, threads: int) -> None:
+    """Reject knob values that would reach generated C++ out of range."""
+    knobs = candidate.knobs
+    cid = candidate.id
+    if knobs.thread_factors is not None:
+        if any(f < 1 or f > MAX_THREADS for f in knobs.thread_factors):
+            raise CandidateError(f"{cid!r}: thread factors must be in 1..{MAX_THREADS}")
+        if math.prod(knobs.thread_factors) != threads:
+            raise CandidateError(
+                f"{cid!r}: thread factors multiply to {math.prod(knobs.thread_factors)}, "
+                f"not to the thread count {threads}"
+            )
+    if knobs.cache_blocking is not None:
+        if any(b < 1 or b > MAX_CACHE_BLOCKS for b in knobs.cache_blocking):
+            raise CandidateError(f"{cid!r}: cache blocking must be in 1..{MAX_CACHE_BLOCKS}")
+    if knobs.k_slices is not None and not 0 <= knobs.k_slices <= MAX_K_SLICES:
+        raise CandidateError(f"{cid!r}: k-slices must be in 0..{MAX_K_SLICES}")
+
+
+def thread_factorizations(threads: int) -> list[tuple[int, int, int]]:
+    """Every ordered (m, n, k) with m*n*k == threads."""
+    out = []
+    for m in range(1, threads + 1):
+        if threads % m:
+            continue
+        for n in range(1, threads // m + 1):
+            if (threads // m) % n == 0:
+                out.append((m, n, threads // m // n))
+    return out
+
+
+def space(threads: int, grid: str = "pruned") -> list[Candidate]:
+    """The candidates a sweep measures, ATen and its A/A control first."""
+    if grid not in ("pruned", "exhaustive"):
+        raise CandidateError(f"grid must be 'pruned' or 'exhaustive', got {grid!r}")
+    base = [Candidate(ATEN), Candidate(ATEN, control=True), Candidate("cpp")]
+    factors = thread_factorizations(threads)
+    if grid == "pruned":
+        # Each knob alone around the heuristic: thread factors, then cache blockings.
+        knobbed = [Knobs(thread_factors=tf) for tf in factors]
+        knobbed += [Knobs(cache_blocking=cb) for cb in PRUNED_CACHE_BLOCKINGS]
+        knobbed += [Knobs(thread_factors=tf, cache_blocking=PRUNED_CACHE_BLOCKINGS[0]) for tf in factors]
+    else:
+        blockings = [None, *itertools.product(EXHAUSTIVE_MC, EXHAUSTIVE_NC, EXHAUSTIVE_KC)]
+        knobbed = [Knobs(tf, cb) for tf in factors for cb in blockings]
+        knobbed += [Knobs(cache_blocking=cb, k_slices=ks) for cb in blockings for ks in EXHAUSTIVE_K_SLICES]
+    return base + [Candidate("cpp", k) for k in knobbed if not k.is_default()]
+
+
+def small_m_int8_path(op: str, dtype: str, m: int) -> bool:
+    """Inductor renders int8 x bf16 with M < 16 through SMALL_M_GEMM_TEMPLATE, which has no
+    thread or cache blocking: knobs have no effect there (checked again at render time)."""
+    return op == "int8" and dtype == "bf16" and m < 16

@@ -1,0 +1,247 @@
+"""Inductor lowerings for the weight-only-quantized matmuls that pick one candidate.
+
+`register(policy)` puts these lowerings in place of Inductor's for
+`aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`. For each call the policy
+gets the problem key and answers with a candidate (the lowering then builds that single
+choice: no benchmarking) or None (Inductor's own lowering runs, under the user's config).
+
+The farm measures candidates through exactly this code (a Forced policy), and users run it
+with a table policy (kernels.install): what is measured is what ships.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .candidates import ATEN, Candidate, CandidateError, check_bounds
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+OP_TARGETS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}
+
+
+@dataclass(frozen=True)
+class ProblemKey:
+    op: str
+    dtype: str
+    m: int | None  # None: M is symbolic at compile time (dynamic shapes)
+    n: int
+    k: int
+    group_size: int | None
+    threads: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the lowering did for one quantized matmul (kept for inspection and tests)."""
+
+    key: ProblemKey
+    candidate: str | None  # None: handed to Inductor's own lowering
+    source: str  # "forced", "table", "table:nearest-m", "inductor"
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "key": asdict(self.key)}
+
+
+class Unsupported(RuntimeError):
+    """The forced candidate does not exist for this problem on this host."""
+
+
+class Policy(Protocol):
+    def choose(self, key: ProblemKey) -> tuple[Candidate | None, str, str]:
+        """(candidate or None for Inductor's own, source, note)."""
+
+
+class Forced:
+    """Measurement policy: every quantized matmul is lowered to one candidate, or fails."""
+
+    def __init__(self, candidate: Candidate):
+        self.candidate = candidate
+
+    def choose(self, key: ProblemKey) -> tuple[Candidate | None, str, str]:
+        return self.candidate, "forced", ""
+
+
+class Sealed:
+    """After the farm compiled its candidates: any further lowering is a recompile, an error."""
+
+    def choose(self, key: ProblemKey) -> tuple[Candidate | None, str, str]:
+        raise RecompiledError(
+            f"a quantized matmul {key} was lowered after compilation was sealed: a compiled "
+            "candidate recompiled (Dynamo cache reset or guard failure) and would time another kernel"
+        )
+
+
+class RecompiledError(RuntimeError):
+    pass
+
+
+_lock = threading.Lock()
+_policy: Policy | None = None
+_originals: dict[Any, Callable] = {}
+_decisions: list[Decision] = []
+
+
+def decisions() -> list[Decision]:
+    """Decisions taken since the last clear_decisions(), oldest first."""
+    return list(_decisions)
+
+
+def clear_decisions() -> None:
+    _decisions.clear()
+
+
+def register(policy: Policy) -> None:
+    """Route both ops through this module with `policy` (replaces any earlier policy)."""
+    global _policy
+    from torch._inductor import lowering as inductor_lowering
+
+    with _lock:
+        _policy = policy
+        if _originals:
+            return
+        aten = torch.ops.aten
+        for packet, fn in ((aten._weight_int8pack_mm, _int8pack_mm), (aten._weight_int4pack_mm_for_cpu, _int4pack_mm)):
+            # Every overload explicitly: register_lowering skips overloads already lowered.
+            targets = [packet, *packet.op_overloads()]
+            _originals.update({t: inductor_lowering.lowerings[t] for t in targets if t in inductor_lowering.lowerings})
+            inductor_lowering.register_lowering(targets, type_promotion_kind=None)(fn)
+
+
+def unregister() -> None:
+    """Give both ops back to Inductor's own lowerings."""
+    global _policy
+    from torch._inductor import lowering as inductor_lowering
+
+    with _lock:
+        _policy = None
+        inductor_lowering.lowerings.update(_originals)
+        _originals.clear()
+
+
+def active_policy() -> Policy | None:
+    return _policy
+
+
+def _key(op: str, mat1: Any, n: Any, k: Any, group_size: int | None) -> ProblemKey:
+    from torch._inductor.utils import parallel_num_threads
+
+    m = mat1.get_size()[0]
+    m_static = int(m) if getattr(m, "is_number", True) else None
+    return ProblemKey(op, _DTYPE_NAMES[mat1.get_dtype()], m_static, int(n), int(k), group_size, parallel_num_threads())
+
+
+def _choose(key: ProblemKey) -> Candidate | None:
+    policy = _policy
+    if policy is None:
+        return None
+    candidate, source, note = policy.choose(key)
+    if candidate is not None and candidate.kind != ATEN:
+        try:
+            check_bounds(candidate, key.threads)
+        except CandidateError as exc:
+            if source == "forced":
+                raise
+            _decisions.append(Decision(key, None, "inductor", f"rejected {candidate.id}: {exc}"))
+            return None
+    _decisions.append(Decision(key, candidate.id if candidate else None, source if candidate else "inductor", note))
+    return candidate
+
+
+def _template_unsupported(layout, mat1, mat2, **kwargs) -> str | None:
+    """Why Inductor's C++ template cannot run this problem here (None: it can)."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.utils import use_cpp_gemm_template
+
+    # use_cpp_gemm_template also asks for max-autotune; only its other checks matter here.
+    with config.patch(max_autotune=True):
+        if use_cpp_gemm_template(layout, mat1, mat2, mat2_transposed=True, **kwargs):
+            return None
+    isa = pick_vec_isa()
+    return (
+        f"Inductor has no C++ GEMM template for {mat1.get_dtype()} x {mat2.get_dtype()} "
+        f"on vec ISA {isa!s} (simdlen {getattr(isa, '_bit_width', '?')}), "
+        "or the weight is not a frozen constant"
+    )
+
+
+def _fallback_or_raise(key: ProblemKey, candidate: Candidate, reason: str, original: Callable, args, kwargs):
+    if isinstance(_policy, Forced):
+        raise Unsupported(f"{candidate.id}: {reason}")
+    _decisions.append(Decision(key, None, "inductor", f"{candidate.id} unsupported here: {reason}"))
+    return original(*args, **kwargs)
+
+
+def _int8pack_mm(input, weight, scale, *, layout=None):
+    from torch._inductor.codegen.cpp_gemm_template import CppGemmTemplate
+    from torch._inductor.codegen.cpp_utils import create_epilogue_with_attr
+    from torch._inductor.kernel.mm_common import mm_args
+    from torch._inductor.lowering import expand
+    from torch._inductor.quantized_lowerings import aten__weight_int8pack_mm
+    from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
+
+    from .template import bind
+
+    original = _originals[torch.ops.aten._weight_int8pack_mm.default]
+    m, n, k, out_layout, mat1, mat2 = mm_args(input, weight, layout=layout, mat2_transposed=True)
+    key = _key("int8", mat1, n, k, None)
+    candidate = _choose(key)
+    if candidate is None:
+        return original(input, weight, scale, layout=layout)
+
+    choices: list = []
+    if candidate.kind == ATEN:
+        choices.append(aten__weight_int8pack_mm.bind((mat1, mat2, scale), out_layout))
+    else:
+        reason = _template_unsupported(out_layout, mat1, mat2)
+        if reason:
+            return _fallback_or_raise(key, candidate, reason, original, (input, weight, scale), {"layout": layout})
+
+        def mul_epilogue(buf):
+            return create_epilogue_with_attr(buf, "mul", other=realize_inputs(expand(scale, out_layout.size)))
+
+        bind(CppGemmTemplate, candidate.knobs).add_choices(
+            choices, out_layout, [mat1, mat2, scale], trans_w=True, epilogue_creator=mul_epilogue
+        )
+    node, _ = autotune_select_algorithm("_weight_int8pack_mm", choices, [mat1, mat2, scale], out_layout)
+    return node
+
+
+def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
+    from torch._inductor.codegen.cpp_gemm_template import CppWoqInt4GemmTemplate
+    from torch._inductor.kernel.mm_common import mm_args
+    from torch._inductor.quantized_lowerings import aten__weight_int4pack_mm_cpu
+    from torch._inductor.select_algorithm import autotune_select_algorithm
+    from torch._inductor.virtualized import V
+
+    from .template import bind
+
+    original = _originals[torch.ops.aten._weight_int4pack_mm_for_cpu.default]
+    m, n, k, out_layout, mat1, mat2 = mm_args(
+        input, weight, layout=layout, use_4x2_dim=True, mat2_transposed=True
+    )
+    key = _key("int4", mat1, n, k, int(qGroupSize))
+    candidate = _choose(key)
+    if candidate is None:
+        return original(input, weight, qGroupSize, qScaleAndZeros, layout=layout)
+
+    group_size = V.graph.add_tensor_constant(torch.tensor(qGroupSize, dtype=torch.int64), name=None)
+    inputs = [mat1, mat2, group_size, qScaleAndZeros]
+    choices: list = []
+    if candidate.kind == ATEN:
+        choices.append(aten__weight_int4pack_mm_cpu.bind(tuple(inputs), out_layout))
+    else:
+        reason = _template_unsupported(out_layout, mat1, mat2, is_woq_int4=True, q_group_size=int(qGroupSize))
+        if reason is None and not mat2.get_layout().is_contiguous():
+            reason = "the packed int4 weight is not contiguous"
+        if reason:
+            args = (input, weight, qGroupSize, qScaleAndZeros)
+            return _fallback_or_raise(key, candidate, reason, original, args, {"layout": layout})
+        bind(CppWoqInt4GemmTemplate[int(qGroupSize)], candidate.knobs).add_choices(choices, out_layout, inputs)
+    node, _ = autotune_select_algorithm("_weight_int4pack_mm_for_cpu", choices, inputs, out_layout)
+    return node

@@ -1,0 +1,39 @@
+"""What a measurement depends on besides the problem: torch version and template sources."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+
+# The sources whose change can change a candidate's generated kernel: Inductor's template,
+# micro-kernels and WOQ lowering, and this package's own lowering and knob binding.
+_INDUCTOR_SOURCES = (
+    "torch._inductor.codegen.cpp_gemm_template",
+    "torch._inductor.codegen.cpp_micro_gemm",
+    "torch._inductor.codegen.cpp_template",
+    "torch._inductor.quantized_lowerings",
+)
+_OWN_SOURCES = ("lowering.py", "template.py", "candidates.py")
+
+
+@functools.cache
+def template_hash() -> str:
+    """sha256 (16 hex) over the template sources, read from disk without importing them."""
+    digest = hashlib.sha256()
+    for name in _INDUCTOR_SOURCES:
+        spec = importlib.util.find_spec(name)
+        with open(spec.origin, "rb") as f:
+            digest.update(f.read())
+    here = os.path.dirname(__file__)
+    for name in _OWN_SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
