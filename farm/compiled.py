@@ -25,7 +25,7 @@ _CALLS = {
     "int8": "torch._weight_int8pack_mm(x, self.weight, self.scales)",
     "int4": "torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales)",
 }
-_BLOCKING_RE = re.compile(r"constexpr int64_t (num_threads|Mt_blocks|Nt_blocks|Kt_blocks|Mc_blocks|Nc_blocks|Kc_blocks) = (\d+);")
+_BLOCKING_RE = re.compile(r"constexpr int64_t (num_threads|Mr|Nr|Kr|Mt_blocks|Nt_blocks|Kt_blocks|Mc_blocks|Nc_blocks|Kc_blocks) = (\d+);")
 _counter = itertools.count()
 
 

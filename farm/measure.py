@@ -142,6 +142,8 @@ def _apply_event(attempt: Attempt, event: dict, current: str | None) -> str | No
     elif kind == "compiled":
         attempt.compiled[event["cand"]] = {k: v for k, v in event.items() if k not in ("ev", "cand")}
         return None
+    elif kind == "fatal":
+        raise RuntimeError(f"the measurement worker failed (a farm bug, not a candidate's):\n{event['error']}")
     elif kind == "timed":
         attempt.samples, attempt.iters, attempt.timing_s = event["samples"], event["iters"], event["timing_s"]
         return None

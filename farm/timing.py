@@ -63,6 +63,8 @@ def decided(samples: dict[str, list[float]]) -> bool:
         speedups = stats.paired_speedups(samples[ATEN], times)
         ranked.append((stats.median(speedups), stats.bootstrap_ci(speedups, resamples=500)))
     ranked.append((1.0, (1.0, 1.0)))  # ATen itself
+    if len(ranked) < 2:
+        return True
     ranked.sort(key=lambda item: item[0], reverse=True)
     return not stats.overlap(ranked[0][1], ranked[1][1])
 

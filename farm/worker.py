@@ -16,23 +16,25 @@ import time
 import traceback
 
 
-def _status_of(exc: BaseException) -> str:
-    from kernels.lowering import Unsupported
-    from kernels.template import KnobsIgnored
-
+def _chain(exc: BaseException | None):
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (Unsupported, KnobsIgnored)):
-            return "unsupported"
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return "compile_error"
 
 
-def _root_message(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+def _status_and_message(exc: BaseException) -> tuple[str, str]:
+    """unsupported (the lowering said so) or compile_error, with the most specific message."""
+    from kernels.lowering import Unsupported
+    from kernels.template import KnobsIgnored
+
+    for link in _chain(exc):
+        if isinstance(link, (Unsupported, KnobsIgnored)):
+            return "unsupported", str(link)[:500]
+    root = list(_chain(exc))[-1]
+    text = str(root).strip()
+    return "compile_error", f"{type(root).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
 def run(job: dict, emit) -> None:
@@ -79,7 +81,8 @@ def run(job: dict, emit) -> None:
             if ok:
                 fns[cid] = compiled.fn
         except Exception as exc:  # a failed candidate is data, never the end of the measurement
-            result.update(status=_status_of(exc), error=_root_message(exc), traceback=traceback.format_exc()[-2000:])
+            status, message = _status_and_message(exc)
+            result.update(status=status, error=message, traceback=traceback.format_exc()[-2000:])
         emit(**result)
 
     flush = make_flush(host.l3_bytes) if problem.weights == "cold" else None
@@ -101,7 +104,11 @@ def main(argv: list[str]) -> int:
     with open(job_path) as f:
         job = json.load(f)
     emit(ev="start", pid=os.getpid())
-    run(job, emit)
+    try:
+        run(job, emit)
+    except Exception:  # a bug of the farm itself, not of a candidate: say so, do not blame one
+        emit(ev="fatal", error=traceback.format_exc())
+        return 1
     emit(ev="done")
     events.close()
     return 0

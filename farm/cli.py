@@ -1,0 +1,99 @@
+"""The `farm` command line. Each subcommand parses its arguments and calls one run(...)
+function that works without a command line; UserError becomes a message and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+
+def _add_problem_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--op", required=True, choices=["int8", "int4"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("-m", type=int, required=True)
+    p.add_argument("-n", type=int, required=True)
+    p.add_argument("-k", type=int, required=True)
+    p.add_argument("--group-size", type=int, default=None, help="int4 quantization group (default 128 for int4)")
+    p.add_argument("--threads", type=int, default=None, help="default: this host's physical cores")
+    p.add_argument("--weights", default="warm", choices=["warm", "cold"],
+                   help="cold: evict the weights from every cache level before each timed call")
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    from .host import apply_emulation, profile
+
+    apply_emulation(None)
+    prof = profile().as_dict()
+    if args.json:
+        print(json.dumps(prof, indent=2))
+    else:
+        caps = prof.pop("capabilities")
+        for key, value in prof.items():
+            print(f"{key:16} {value}")
+        print(f"{'capabilities':16} {' '.join(sorted(k for k, v in caps.items() if v))}")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .host import profile
+    from .measure import measure
+    from .problem import Problem
+    from .protocol import Protocol
+    from .render import print_record
+
+    threads = args.threads or profile().cores
+    group = args.group_size if args.group_size is not None else (128 if args.op == "int4" else None)
+    problem = Problem(args.op, args.dtype, args.m, args.n, args.k, group, threads, args.weights)
+    overrides = {"timeout_s": args.timeout} if args.timeout else {}
+    if args.rounds:
+        overrides.update(min_rounds=args.rounds, max_rounds=max(args.rounds, Protocol().max_rounds))
+    record = measure(problem, grid=args.grid, protocol=Protocol.from_dict(overrides), isa=args.isa,
+                     only=args.candidates.split() if args.candidates else None)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print_record(record)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("host", help="this host's profile: ISA class, capabilities, cores, caches, torch")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_host)
+
+    p = sub.add_parser("measure", help="measure every candidate of one problem on this host")
+    _add_problem_args(p)
+    p.add_argument("--isa", default=None, help="measure as this ISA class (avx2 is emulated on AVX512 hosts)")
+    p.add_argument("--grid", default="pruned", choices=["pruned", "exhaustive"])
+    p.add_argument("--candidates", default=None, help="space-separated candidate ids instead of the grid")
+    p.add_argument("--rounds", type=int, default=None, help="minimum rounds (default from the protocol)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds without progress before a candidate is killed")
+    p.add_argument("--json", action="store_true", help="print the record as one JSON object")
+    p.set_defaults(fn=cmd_measure)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Later subcommands add themselves here (aggregate, table, sweep, worker, nightly, bench).
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        print(f"farm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

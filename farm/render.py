@@ -1,0 +1,42 @@
+"""Human-readable views of records and tables (rich), kept apart from the data they show."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _interval(pair, spec: str = ".1f") -> str:
+    return "-" if not pair else f"[{format(pair[0], spec)}, {format(pair[1], spec)}]"
+
+
+def record_table(record: dict) -> Table:
+    p, host = record["problem"], record["host"]
+    group = f" group={p['group_size']}" if p["group_size"] else ""
+    emulated = " (emulated)" if host.get("emulated") else ""
+    title = (f"{p['op']} {p['dtype']} M={p['m']} N={p['n']} K={p['k']}{group}, {p['threads']} threads, "
+             f"{p['weights']} weights on {host.get('isa')}{emulated}")
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("candidate", "left"), ("status", "left"), ("median us", "right"), ("95% CI us", "right"),
+                          ("speedup vs aten", "right"), ("95% CI", "right"), ("compile s", "right"), ("note", "left")):
+        table.add_column(name, justify=justify)
+    for c in record["candidates"]:
+        mark = " *" if c["id"] == record["winner"] else ""
+        note = escape((c.get("error") or "")[:90])
+        table.add_row(escape(c["id"] + mark), c["status"], _fmt(c["median_us"]), _interval(c["ci95_us"]),
+                      _fmt(c["speedup_vs_aten"], ".3f"), _interval(c["speedup_ci95"], ".3f"), _fmt(c["compile_s"], ".2f"), note)
+    noise = record["noise"]
+    table.caption = (f"winner: {record['winner']} ({record['winner_rule']}); A/A noise band ±{noise['band']:.3f}; "
+                     f"{record['protocol']['rounds']} rounds; worker wall {record['worker']['wall_s']:.1f} s")
+    table.caption_justify = "left"
+    return table
+
+
+def print_record(record: dict, console: Console | None = None) -> None:
+    # Wide enough for every column when piped (rich defaults to 80 columns off a terminal).
+    (console or Console(width=200)).print(record_table(record))
