@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 # Later subcommands add themselves here (aggregate, table, sweep, worker, nightly, bench).
 _EXTRA_COMMANDS: list = []
 
+from . import tables_cli  # noqa: E402
+
+_EXTRA_COMMANDS.append(tables_cli.register)
+from . import node  # noqa: F401  (registers farm worker)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

@@ -1,0 +1,170 @@
+"""kernel-farm's compile-time side: tuned lowerings for Inductor's weight-only-quantized matmuls.
+
+    import kernels
+    kernels.install()                 # this host's ISA class and thread count -> shipped table
+    model = torch.compile(model)      # table winners, no benchmarking at compile time
+
+Environment: KERNEL_FARM_TABLE=/path/to/table.yaml uses that table; KERNEL_FARM_TABLE=off
+disables the farm (Inductor's own lowerings). A missing, malformed, foreign or stale table
+never breaks torch.compile: one warning, then Inductor's own behaviour.
+
+Imports nothing heavy (no Ray; torch only when installing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+ENV_VAR = "KERNEL_FARM_TABLE"
+TABLES_DIR = os.path.join(os.path.dirname(__file__), "tables")
+
+__all__ = ["install", "uninstall", "installed", "InstallResult", "KernelFarmWarning", "ENV_VAR", "shipped_table"]
+
+
+class KernelFarmWarning(UserWarning):
+    """The farm could not use a table and left the quantized matmuls to Inductor."""
+
+
+@dataclass
+class InstallResult:
+    active: bool
+    path: str | None
+    reason: str = ""
+    entries: int = 0
+    stale_entries: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class TablePolicy:
+    """Lowering policy of an installed table (see kernels.table.lookup)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def choose(self, key):
+        from .table import lookup
+
+        return lookup(self.table, key.op, key.dtype, key.m, key.n, key.k, key.group_size)
+
+
+_lock = threading.Lock()
+_saved_pre_pass: list = []
+
+
+def host_isa() -> str:
+    """The ISA class Inductor picks in this process (amx, avx512, avx2, default)."""
+    import torch
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    name = str(pick_vec_isa() or "").lower()
+    caps = torch.cpu.get_capabilities()
+    if name.startswith("avx512"):
+        return "amx" if caps.get("amx_tile") and caps.get("amx_bf16") else "avx512"
+    return "avx2" if name.startswith("avx2") else "default"
+
+
+def shipped_table(isa: str | None = None) -> str:
+    return os.path.join(TABLES_DIR, f"{isa or host_isa()}.yaml")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"kernel-farm: {message}; using Inductor's own lowering", KernelFarmWarning, stacklevel=3)
+
+
+def _cache_key_pass(digest: str):
+    """A no-op post-grad pass whose uuid puts the table into Inductor's FX graph cache key,
+    so a graph compiled under one table is never served from the cache under another."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    user_pass = _saved_pre_pass[0] if _saved_pre_pass else config.post_grad_custom_pre_pass
+
+    class TableKey(CustomGraphPass):
+        def __call__(self, graph):
+            if user_pass is not None:
+                user_pass(graph)
+
+        def uuid(self):
+            inner = user_pass.uuid() if user_pass is not None and hasattr(user_pass, "uuid") else None
+            return f"kernel-farm:{digest}:{inner}"
+
+    return TableKey()
+
+
+def install(path: str | None = None, *, strict: bool = False) -> InstallResult:
+    """Use a table for the quantized matmuls of every later torch.compile in this process.
+
+    path None: $KERNEL_FARM_TABLE, else the shipped table of this host's ISA class.
+    Never raises for a bad table unless strict=True: it warns once and leaves Inductor alone.
+    """
+    import torch
+
+    from . import lowering
+    from .provenance import template_hash, torch_version
+    from .table import TableError, incompatibilities, load
+
+    env = os.environ.get(ENV_VAR, "").strip()
+    if path is None and env.lower() == "off":
+        uninstall()
+        return InstallResult(False, None, f"{ENV_VAR}=off")
+    path = path or env or shipped_table()
+    current_torch, current_hash = torch_version(), template_hash()
+    try:
+        table = load(path, current_torch, current_hash)
+        problems = incompatibilities(table, host_isa(), torch.get_num_threads(), current_torch, current_hash)
+        if problems:
+            raise TableError(f"{path}: not used: " + "; ".join(problems))
+    except TableError as exc:
+        uninstall()
+        if strict:
+            raise
+        _warn(str(exc))
+        return InstallResult(False, path, str(exc), problems=[str(exc)])
+    stale = sum(e.stale for e in table.entries.values())
+    if stale:
+        _warn(f"{path}: {stale} of {len(table.entries)} entries are stale (other torch or template source)")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    _set_cache_key(digest)
+    lowering.register(TablePolicy(table))
+    return InstallResult(True, path, "", len(table.entries), stale)
+
+
+def _set_cache_key(digest: str | None) -> None:
+    from torch._inductor import config
+
+    with _lock:
+        if digest is None:
+            if _saved_pre_pass:
+                config.post_grad_custom_pre_pass = _saved_pre_pass.pop()
+            return
+        if not _saved_pre_pass:
+            _saved_pre_pass.append(config.post_grad_custom_pre_pass)
+        config.post_grad_custom_pre_pass = _cache_key_pass(digest)
+
+
+def uninstall() -> None:
+    """Give both ops back to Inductor's own lowerings."""
+    import sys
+
+    if "kernels.lowering" not in sys.modules:
+        return
+    from . import lowering
+
+    lowering.unregister()
+    _set_cache_key(None)
+
+
+@contextlib.contextmanager
+def installed(path: str | None = None, *, strict: bool = False):
+    """install() for the duration of a block (tests, benchmarks)."""
+    result = install(path, strict=strict)
+    try:
+        yield result
+    finally:
+        uninstall()

@@ -1,0 +1,230 @@
+"""Measurement records -> one autotune table per (ISA class, thread count). Pure functions.
+
+Robust combination: each candidate's per-round paired speedups over ATen are pooled across
+hosts of the same class (each round is paired within its host) and summarised by their
+median with a bootstrap interval. Hosts that disagree are flagged, failed candidates never
+win, a lead inside the noise is not a win, and stale rows are left out and counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from kernels.candidates import AA_CONTROL, ATEN, parse
+from kernels.table import TABLE_SCHEMA
+
+from . import stats
+
+# A neighbour M bucket may borrow this entry's winner when it loses at most 3% against its
+# own winner there: about the A/A noise measured on these hosts (2-5%).
+DEFAULT_REGRET_THRESHOLD = 0.03
+
+
+@dataclass
+class Combined:
+    """One candidate's statistics for one key, pooled over hosts."""
+
+    id: str
+    ok: bool
+    speedup: float | None = None
+    ci95: tuple[float, float] | None = None
+    median_us: float | None = None
+    ci95_us: tuple[float, float] | None = None
+    samples: int = 0
+    per_host: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def problem_key(problem: dict) -> tuple:
+    return (problem["op"], problem["dtype"], problem["m"], problem["n"], problem["k"], problem["group_size"])
+
+
+def is_stale(record: dict, torch_version: str, template_hash: str) -> bool:
+    prov = record["provenance"]
+    return prov["torch"] != torch_version or prov["template_hash"] != template_hash
+
+
+def _host_name(record: dict) -> str:
+    return record["host"].get("hostname") or record["host"].get("cpu", "?")
+
+
+def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
+    """Pool the records of one key (one per host or run) candidate by candidate."""
+    out: dict[str, Combined] = {}
+    pooled: dict[str, list[float]] = defaultdict(list)
+    times: dict[str, list[float]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (_host_name(r), r["provenance"]["measured_at"])):
+        aten = next((c for c in record["candidates"] if c["id"] == ATEN and c["status"] == "ok"), None)
+        for cand in record["candidates"]:
+            entry = out.setdefault(cand["id"], Combined(cand["id"], ok=True))
+            if cand["status"] != "ok" or aten is None:
+                entry.ok = False
+                entry.errors.append(f"{_host_name(record)}: {cand['status']}")
+                continue
+            speedups = stats.paired_speedups(aten["samples_us"], cand["samples_us"])
+            pooled[cand["id"]] += speedups
+            times[cand["id"]] += cand["samples_us"]
+            entry.per_host[_host_name(record)] = stats.median(speedups)
+    for cid, entry in out.items():
+        if entry.ok and pooled[cid]:
+            entry.speedup = stats.median(pooled[cid])
+            entry.ci95 = stats.bootstrap_ci(pooled[cid], resamples)
+            entry.median_us = stats.median(times[cid])
+            entry.ci95_us = stats.bootstrap_ci(times[cid], resamples)
+            entry.samples = len(pooled[cid])
+        else:
+            entry.ok = False
+    return out
+
+
+def noise_band(records: list[dict]) -> float:
+    return max((r["noise"]["band"] for r in records), default=0.0)
+
+
+def decide(combined: dict[str, Combined], band: float) -> tuple[Combined, Combined | None, str]:
+    """(winner, runner-up, rule) with the same tie rule as a single measurement."""
+    ranked = sorted((c for c in combined.values() if c.ok and c.id != AA_CONTROL), key=lambda c: c.speedup, reverse=True)
+    if not ranked or combined.get(ATEN) is None or not combined[ATEN].ok:
+        raise ValueError("ATen did not measure ok: no table entry")
+    best = ranked[0]
+    runner = ranked[1] if len(ranked) > 1 else None
+    if best.id == ATEN:
+        return best, runner, "ATen is fastest"
+    if best.ci95[0] > 1.0 and best.speedup > 1.0 + band:
+        return best, runner, "lead beyond the interval and the A/A noise band"
+    return combined[ATEN], best, f"{best.id} leads inside the noise: the default wins"
+
+
+def disagreement(combined: dict[str, Combined], winner: Combined) -> str | None:
+    """Hosts disagree when their own best candidates differ by more than the pooled interval."""
+    if len(winner.per_host) < 2:
+        return None
+    bests = {}
+    for host in winner.per_host:
+        bests[host] = max((c for c in combined.values() if c.ok and host in c.per_host and c.id != AA_CONTROL),
+                          key=lambda c: c.per_host[host]).id
+    if len(set(bests.values())) > 1:
+        return "hosts pick different winners: " + ", ".join(f"{h}: {w}" for h, w in sorted(bests.items()))
+    spread = [winner.per_host[h] for h in sorted(winner.per_host)]
+    if winner.ci95 and (min(spread) < winner.ci95[0] or max(spread) > winner.ci95[1]):
+        return f"host speedups of {winner.id} ({', '.join(f'{s:.3f}' for s in spread)}) fall outside the pooled interval"
+    return None
+
+
+def _choose_weights(records: list[dict], prefer: str) -> list[dict]:
+    modes = {r["problem"]["weights"] for r in records}
+    mode = prefer if prefer in modes else sorted(modes)[0]
+    return [r for r in records if r["problem"]["weights"] == mode]
+
+
+def _entry(key: tuple, records: list[dict], resamples: int) -> tuple[dict, dict[str, Combined]]:
+    combined = combine(records, resamples)
+    band = noise_band(records)
+    winner, runner, rule = decide(combined, band)
+    op, dtype, m, n, k, group = key
+    latest = max(r["provenance"]["measured_at"] for r in records)
+    entry = {
+        "key": {"op": op, "dtype": dtype, "m": m, "n": n, "k": k, "group_size": group},
+        "winner": winner.id,
+        "knobs": parse(winner.id).knobs.as_dict() if winner.id != ATEN else None,
+        "median_us": round(winner.median_us, 3),
+        "ci95_us": [round(v, 3) for v in winner.ci95_us],
+        "speedup_vs_aten": round(winner.speedup, 4),
+        "speedup_ci95": [round(v, 4) for v in winner.ci95],
+        "runner_up": runner.id if runner else None,
+        "runner_up_speedup": round(runner.speedup, 4) if runner else None,
+        "runner_up_ci95": [round(v, 4) for v in runner.ci95] if runner else None,
+        "margin": round(winner.speedup / runner.speedup, 4) if runner else None,
+        "noise_band": round(band, 4),
+        "rule": rule,
+        "samples": winner.samples,
+        "hosts": sorted(winner.per_host),
+        "weights": records[0]["problem"]["weights"],
+        "disagreement": disagreement(combined, winner),
+        "failed": sorted(c.id for c in combined.values() if not c.ok and c.errors),
+        "nearest_m_ok": False,
+        "nearest_m_regret": None,
+        "provenance": {"torch": records[0]["provenance"]["torch"],
+                       "template_hash": records[0]["provenance"]["template_hash"], "measured_at": latest,
+                       "run_ids": sorted({r["provenance"].get("run_id") for r in records if r["provenance"].get("run_id")})},
+    }
+    return entry, combined
+
+
+def _mark_nearest_m(entries: list[dict], combined: dict[tuple, dict[str, Combined]], threshold: float) -> None:
+    """An entry may serve unmeasured M when its winner, used at each neighbouring measured M,
+    loses at most `threshold` against that M's own winner (the regret, where both were measured)."""
+    families: dict[tuple, list[dict]] = defaultdict(list)
+    for e in entries:
+        k = e["key"]
+        families[(k["op"], k["dtype"], k["n"], k["k"], k["group_size"])].append(e)
+    for family in families.values():
+        family.sort(key=lambda e: e["key"]["m"])
+        for i, entry in enumerate(family):
+            regrets = []
+            for j in (i - 1, i + 1):
+                if not 0 <= j < len(family):
+                    continue
+                neighbour = family[j]
+                there = combined[_key_of(neighbour)]
+                mine = there.get(entry["winner"])
+                if mine is None or not mine.ok:
+                    regrets.append(float("inf"))
+                    continue
+                regrets.append(neighbour["speedup_vs_aten"] / mine.speedup - 1.0)
+            if regrets:
+                worst = max(regrets)
+                entry["nearest_m_regret"] = round(worst, 4) if worst != float("inf") else None
+                entry["nearest_m_ok"] = worst <= threshold
+
+
+def _key_of(entry: dict) -> tuple:
+    return problem_key(entry["key"])
+
+
+@dataclass
+class AggregateResult:
+    tables: dict[tuple[str, int], dict]
+    stale: int
+    skipped: list[str]
+
+
+def aggregate(records: list[dict], torch_version: str, template_hash: str, prefer_weights: str = "cold",
+              regret_threshold: float = DEFAULT_REGRET_THRESHOLD, resamples: int = 2000) -> AggregateResult:
+    """Build one table document per (ISA class, threads) from fresh records."""
+    fresh = [r for r in records if not is_stale(r, torch_version, template_hash)]
+    groups: dict[tuple[str, int], dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in fresh:
+        groups[(record["host"]["isa"], record["problem"]["threads"])][problem_key(record["problem"])].append(record)
+    tables, skipped = {}, []
+    for (isa, threads), by_key in sorted(groups.items()):
+        entries, combined, hosts = [], {}, {}
+        for key in sorted(by_key, key=lambda k: tuple((v is None, v) for v in k)):
+            chosen = _choose_weights(by_key[key], prefer_weights)
+            try:
+                entry, combined[key] = _entry(key, chosen, resamples)
+            except ValueError as exc:
+                skipped.append(f"{isa}/{threads}t {key}: {exc}")
+                continue
+            entries.append(entry)
+            for r in chosen:
+                hosts[_host_name(r)] = {"cpu": r["host"].get("cpu"), "emulated": r["host"].get("emulated"), "cores": r["host"].get("cores")}
+        _mark_nearest_m(entries, combined, regret_threshold)
+        all_records = [r for rs in by_key.values() for r in rs]
+        tables[(isa, threads)] = {
+            "schema": TABLE_SCHEMA,
+            "isa": isa,
+            "threads": threads,
+            "emulated": any(h["emulated"] for h in hosts.values()),
+            "torch": torch_version,
+            "template_hash": template_hash,
+            "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "hosts": hosts,
+            "run_ids": sorted({r["provenance"].get("run_id") for r in all_records if r["provenance"].get("run_id")}),
+            "policy": {"nearest_m_regret_threshold": regret_threshold, "prefer_weights": prefer_weights,
+                       "dynamic_m": "the winner when every M bucket agrees and it needs no static blocking, else Inductor"},
+            "entries": entries,
+        }
+    return AggregateResult(tables, len(records) - len(fresh), skipped)

@@ -1,0 +1,149 @@
+"""`farm aggregate` and `farm table show|check|diff`: thin wrappers over pure functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table as RichTable
+
+from .errors import UserError
+
+
+def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | None = None,
+                  prefer_weights: str = "cold") -> dict[tuple[str, int], str]:
+    """Write one table per (ISA, threads) into `out`; returns the paths written."""
+    from kernels.provenance import template_hash, torch_version
+    from kernels.table import dump
+
+    from .aggregate import aggregate
+    from .store import read_records
+
+    if not paths and not store:
+        raise UserError("aggregate: give record files and/or --store")
+    records = read_records(paths, store, run_id)
+    if not records:
+        raise UserError("aggregate: no records to aggregate")
+    result = aggregate(records, torch_version(), template_hash(), prefer_weights=prefer_weights)
+    if not result.tables:
+        raise UserError(f"aggregate: all {len(records)} records are stale (other torch or template source)")
+    written = {}
+    threads_per_isa: dict[str, int] = {}
+    for (isa, threads) in result.tables:
+        threads_per_isa[isa] = threads_per_isa.get(isa, 0) + 1
+    for (isa, threads), doc in result.tables.items():
+        # <isa>.yaml as the design says; a second thread count of one ISA gets its own name.
+        name = f"{isa}.yaml" if threads_per_isa[isa] == 1 else f"{isa}-t{threads}.yaml"
+        path = os.path.join(out, name)
+        dump(doc, path)
+        written[(isa, threads)] = path
+    for line in result.skipped:
+        print(f"skipped: {line}")
+    if result.stale:
+        print(f"left out {result.stale} stale record(s)")
+    return written
+
+
+def load_doc(path: str) -> dict:
+    import yaml
+
+    from kernels.table import TableError, load
+
+    try:
+        load(path)
+    except TableError as exc:
+        raise UserError(str(exc)) from None
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def show(path: str, console: Console | None = None) -> None:
+    doc = load_doc(path)
+    table = RichTable(title=f"{path}: {doc['isa']}{' (emulated)' if doc['emulated'] else ''}, {doc['threads']} threads, "
+                            f"torch {doc['torch']}, template {doc['template_hash']}, {len(doc['entries'])} entries",
+                      title_justify="left")
+    for col in ("op", "dtype", "M", "N", "K", "group", "winner", "us", "speedup", "95% CI", "runner-up", "nearest-M", "note"):
+        table.add_column(col)
+    for e in doc["entries"]:
+        k = e["key"]
+        note = e.get("disagreement") or ""
+        table.add_row(k["op"], k["dtype"], str(k["m"]), str(k["n"]), str(k["k"]), str(k["group_size"] or "-"),
+                      escape(e["winner"]), f"{e['median_us']:.1f}", f"{e['speedup_vs_aten']:.3f}",
+                      f"[{e['speedup_ci95'][0]:.3f}, {e['speedup_ci95'][1]:.3f}]", escape(e.get("runner_up") or "-"),
+                      "yes" if e["nearest_m_ok"] else "no", escape(note[:60]))
+    (console or Console(width=220)).print(table)
+
+
+def check(path: str) -> list[str]:
+    """Problems that would make compile-time use fall back to Inductor (empty: usable here)."""
+    import torch
+
+    import kernels
+    from kernels.provenance import template_hash, torch_version
+    from kernels.table import TableError, incompatibilities, load
+
+    try:
+        table = load(path, torch_version(), template_hash())
+    except TableError as exc:
+        return [str(exc)]
+    problems = incompatibilities(table, kernels.host_isa(), torch.get_num_threads(), torch_version(), template_hash())
+    stale = [e for e in table.entries.values() if e.stale]
+    if stale:
+        problems.append(f"{len(stale)} of {len(table.entries)} entries are stale")
+    return problems
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    written = run_aggregate(args.records, args.store, args.out, args.run, args.prefer_weights)
+    for (isa, threads), path in written.items():
+        print(f"wrote {path} ({isa}, {threads} threads)")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        for path in args.paths:
+            show(path)
+        return 0
+    if args.action == "check":
+        status = 0
+        for path in args.paths:
+            problems = check(path)
+            print(f"{path}: " + ("ok" if not problems else "NOT usable here:\n  " + "\n  ".join(problems)))
+            status = status or (1 if problems else 0)
+        return status
+    from .diff import diff_tables, summary
+
+    if len(args.paths) != 2:
+        raise UserError("table diff: give exactly two tables, OLD and NEW")
+    changes = diff_tables(load_doc(args.paths[0]), load_doc(args.paths[1]), args.min_change)
+    if args.json:
+        print(json.dumps({"summary": summary(changes), "changes": [c.as_dict() for c in changes]}, indent=1))
+    else:
+        for c in changes:
+            if c.kind == "unchanged":
+                continue
+            ratio = f" time x{c.ratio:.3f}" if c.ratio else ""
+            print(f"{c.kind:12} {c.key}: {c.old_winner} -> {c.new_winner}{ratio} {c.detail}")
+        print("summary:", summary(changes))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("aggregate", help="measurement records -> one table per ISA class")
+    p.add_argument("records", nargs="*", help="files of `farm measure --json` records")
+    p.add_argument("--store", default=None, help="a sweep's SQLite store")
+    p.add_argument("--run", default=None, help="only this run of the store")
+    p.add_argument("--out", required=True, help="directory for <isa>.yaml")
+    p.add_argument("--prefer-weights", default="cold", choices=["cold", "warm"])
+    p.set_defaults(fn=cmd_aggregate)
+
+    p = sub.add_parser("table", help="show, check or diff autotune tables")
+    p.add_argument("action", choices=["show", "check", "diff"])
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true", help="diff: machine-readable output")
+    p.add_argument("--min-change", type=float, default=0.03, help="diff: smallest relative time change reported")
+    p.set_defaults(fn=cmd_table)
