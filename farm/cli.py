@@ -70,25 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("measure", help="measure every candidate of one problem on this host")
     _add_problem_args(p)
     p.add_argument("--isa", default=None, help="measure as this ISA class (avx2 is emulated on AVX512 hosts)")
-    p.add_argument("--grid", default="pruned", choices=["pruned", "exhaustive"])
+    p.add_argument("--grid", default="pruned", choices=["minimal", "pruned", "exhaustive"])
     p.add_argument("--candidates", default=None, help="space-separated candidate ids instead of the grid")
     p.add_argument("--rounds", type=int, default=None, help="minimum rounds (default from the protocol)")
     p.add_argument("--timeout", type=float, default=None, help="seconds without progress before a candidate is killed")
     p.add_argument("--json", action="store_true", help="print the record as one JSON object")
     p.set_defaults(fn=cmd_measure)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from . import node, sweep, tables_cli  # each module adds its own subcommands
+
+    for module in (tables_cli, sweep, node):
+        module.register(sub)
     return parser
-
-
-# Later subcommands add themselves here (aggregate, table, sweep, worker, nightly, bench).
-_EXTRA_COMMANDS: list = []
-
-from . import tables_cli  # noqa: E402
-
-_EXTRA_COMMANDS.append(tables_cli.register)
-from . import node  # noqa: F401  (registers farm worker)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import shlex
 import subprocess
 import sys
 
-from .cli import _EXTRA_COMMANDS
 from .errors import UserError
 from .host import EMULATION_ENV, can_run, native_isa, runnable
 
@@ -199,7 +198,3 @@ def register(sub) -> None:
                    help="the cluster's Ray auth mode (default: $RAY_AUTH_MODE, else %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the labels and the command, start nothing")
     p.set_defaults(fn=cmd_worker)
-
-
-if register not in _EXTRA_COMMANDS:
-    _EXTRA_COMMANDS.append(register)
