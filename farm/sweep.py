@@ -150,8 +150,12 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: 
                       f"{skipped_done} already done in this run")
         measured, failed, worker_s, useful_s = 0, [], 0.0, 0.0
         if todo:
-            with connected(address, sorted({t.isa for t in todo})):
-                measured, failed, worker_s, useful_s = execute(todo, spec, store, run_id, max_in_flight, console)
+            try:
+                with connected(address, sorted({t.isa for t in todo})):
+                    measured, failed, worker_s, useful_s = execute(todo, spec, store, run_id, max_in_flight, console)
+            except BaseException:
+                store.end_run(run_id, "failed")  # what was stored stays; --resume finishes it
+                raise
         hosts = sorted({r["host"].get("hostname", "?") for r in store.records(run_id)})
         store.end_run(run_id, "failed" if failed else "done", hosts)
         tables = write_tables(store, spec, out) if out else {}
