@@ -46,7 +46,7 @@ class Attempt:
 
 
 def candidate_ids(problem: Problem, grid: str = "pruned", only: list[str] | None = None) -> list[str]:
-    ids = [c.id for c in space(problem.threads, grid)]
+    ids = [c.id for c in space(problem.threads, grid, problem.op)]
     if only:
         for cid in only:
             try:

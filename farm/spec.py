@@ -150,7 +150,7 @@ def parse_spec(doc, source: str = "spec") -> Spec:
                             for w in entry_weights:
                                 problem = Problem(op, dtype, m, n, k, group if op == "int4" else None, t, w)
                                 validate(problem, f"{where} ({layer}, {op}, m={m})")
-                                need = _memory_bytes(problem, len(candidate_space(t, grid)))
+                                need = _memory_bytes(problem, len(candidate_space(t, grid, op)))
                                 if need > memory_gb * (1 << 30):
                                     raise UserError(f"{where} ({layer}, {op}, m={m}): needs about {need / (1 << 30):.1f} GiB, "
                                                     f"more than worker_memory_gb={memory_gb}")

@@ -3,6 +3,8 @@
 A candidate is one lowering choice with its knobs, named by a stable id:
 
     aten                              ATen's extern kernel (Inductor's default)
+    dq                                int8 only: dequantize the weight to the activation dtype
+                                      once per call, then a dense GEMM (oneDNN); pays at prefill
     aten~aa                           ATen compiled a second time: the A/A noise control
     cpp                               Inductor's C++ GEMM template, its own blocking heuristic
     cpp[tf=2,1,1;cb=1,16,64;ks=1]     the template with explicit knobs (any subset of them)
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 OPS = ("int8", "int4")
 DTYPES = ("bf16", "fp16", "fp32")
 ATEN = "aten"
+DEQUANT = "dq"
 AA_CONTROL = "aten~aa"
 
 # Bounds every knob must respect before it reaches generated C++ (tables are data).
@@ -74,6 +77,8 @@ class Candidate:
     def id(self) -> str:
         if self.kind == ATEN:
             return AA_CONTROL if self.control else ATEN
+        if self.kind == DEQUANT:
+            return DEQUANT
         parts = []
         if self.knobs.thread_factors:
             parts.append("tf=" + ",".join(map(str, self.knobs.thread_factors)))
@@ -112,6 +117,8 @@ def parse(cand_id: str) -> Candidate:
         return Candidate(ATEN)
     if cand_id == AA_CONTROL:
         return Candidate(ATEN, control=True)
+    if cand_id == DEQUANT:
+        return Candidate(DEQUANT)
     match = _ID_RE.match(cand_id)
     if not match:
         raise CandidateError(f"unknown candidate id {cand_id!r} (expected aten, cpp or cpp[...])")
@@ -164,8 +171,8 @@ def thread_factorizations(threads: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def space(threads: int, grid: str = "pruned") -> list[Candidate]:
-    """The candidates a sweep measures, ATen and its A/A control first."""
+def space(threads: int, grid: str = "pruned", op: str | None = None) -> list[Candidate]:
+    """The candidates a sweep measures, ATen and its A/A control first (dq for int8 only)."""
     if grid not in GRIDS:
         raise CandidateError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     base = [Candidate(ATEN), Candidate(ATEN, control=True), Candidate("cpp")]
@@ -173,15 +180,17 @@ def space(threads: int, grid: str = "pruned") -> list[Candidate]:
     if grid == "minimal":  # CI-sized: the heuristic and one explicit thread blocking
         knobbed = [Knobs(thread_factors=factors[-1])]
     elif grid == "pruned":
-        # Each knob alone around the heuristic: thread factors, then cache blockings.
+        # Each knob alone around the heuristic: thread factors, then cache blockings. Their
+        # combinations were never better than the better of the two alone on the first
+        # AVX512 sweeps (int8/int4 bf16, N=K=4096, M=32 and 128), so only exhaustive has them.
         knobbed = [Knobs(thread_factors=tf) for tf in factors]
         knobbed += [Knobs(cache_blocking=cb) for cb in PRUNED_CACHE_BLOCKINGS]
-        knobbed += [Knobs(thread_factors=tf, cache_blocking=PRUNED_CACHE_BLOCKINGS[0]) for tf in factors]
     else:
         blockings = [None, *itertools.product(EXHAUSTIVE_MC, EXHAUSTIVE_NC, EXHAUSTIVE_KC)]
         knobbed = [Knobs(tf, cb) for tf in factors for cb in blockings]
         knobbed += [Knobs(cache_blocking=cb, k_slices=ks) for cb in blockings for ks in EXHAUSTIVE_K_SLICES]
-    return base + [Candidate("cpp", k) for k in knobbed if not k.is_default()]
+    extra = [Candidate(DEQUANT)] if op in (None, "int8") else []
+    return base + extra + [Candidate("cpp", k) for k in knobbed if not k.is_default()]
 
 
 def small_m_int8_path(op: str, dtype: str, m: int) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .candidates import ATEN, Candidate, CandidateError, check_bounds
+from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 OP_TARGETS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}
@@ -140,7 +140,7 @@ def _choose(key: ProblemKey) -> Candidate | None:
     if policy is None:
         return None
     candidate, source, note = policy.choose(key)
-    if candidate is not None and candidate.kind != ATEN:
+    if candidate is not None and candidate.kind not in (ATEN, DEQUANT):
         try:
             check_bounds(candidate, key.threads)
         except CandidateError as exc:
@@ -194,6 +194,8 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
     if candidate is None:
         return original(input, weight, scale, layout=layout)
 
+    if candidate.kind == DEQUANT:
+        return _dequant_mm(input, weight, scale)
     choices: list = []
     if candidate.kind == ATEN:
         choices.append(aten__weight_int8pack_mm.bind((mat1, mat2, scale), out_layout))
@@ -210,6 +212,19 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
         )
     node, _ = autotune_select_algorithm("_weight_int8pack_mm", choices, [mat1, mat2, scale], out_layout)
     return node
+
+
+def _dequant_mm(input, weight, scale):
+    """x @ dequant(w).T * scale: the int8 weight converted to the activation dtype in each call
+    (a pointwise kernel), then a dense GEMM through ATen/oneDNN, never autotuned."""
+    from torch._inductor import config
+    from torch._inductor.lowering import lowerings
+
+    aten = torch.ops.aten
+    with config.patch(max_autotune=False, max_autotune_gemm=False):
+        dense = lowerings[torch.ops.prims.convert_element_type.default](weight, input.get_dtype())
+        out = lowerings[aten.mm.default](input, lowerings[aten.permute.default](dense, [1, 0]))
+        return lowerings[aten.mul.Tensor](out, scale)
 
 
 def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
@@ -230,6 +245,10 @@ def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
     if candidate is None:
         return original(input, weight, qGroupSize, qScaleAndZeros, layout=layout)
 
+    if candidate.kind == DEQUANT:
+        args = (input, weight, qGroupSize, qScaleAndZeros)
+        return _fallback_or_raise(key, candidate, "dq is int8-only (the int4 packed layout has no dense dequant here)",
+                                  original, args, {"layout": layout})
     group_size = V.graph.add_tensor_constant(torch.tensor(qGroupSize, dtype=torch.int64), name=None)
     inputs = [mat1, mat2, group_size, qScaleAndZeros]
     choices: list = []
