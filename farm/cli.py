@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the record as one JSON object")
     p.set_defaults(fn=cmd_measure)
 
-    from . import node, sweep, tables_cli  # each module adds its own subcommands
+    from . import bench, nightly, node, sweep, tables_cli  # each module adds its own subcommands
 
-    for module in (tables_cli, sweep, node):
+    for module in (tables_cli, sweep, node, nightly, bench):
         module.register(sub)
     return parser
 

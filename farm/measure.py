@@ -45,16 +45,18 @@ class Attempt:
     wall_s: float = 0.0
 
 
-def candidate_ids(problem: Problem, grid: str = "pruned", only: list[str] | None = None) -> list[str]:
+def candidate_ids(problem: Problem, grid: str = "pruned", only: list[str] | None = None,
+                  extra: list[str] | None = None) -> list[str]:
+    """The grid's ids, or ATen + its control + `only`; then any `extra` not already there."""
+    for cid in [*(only or []), *(extra or [])]:
+        try:
+            parse(cid)
+        except CandidateError as exc:
+            raise UserError(f"candidates: {exc}") from None
     ids = [c.id for c in space(problem.threads, grid, problem.op)]
     if only:
-        for cid in only:
-            try:
-                parse(cid)
-            except CandidateError as exc:
-                raise UserError(f"--candidates: {exc}") from None
         ids = [ATEN, AA_CONTROL] + [c for c in only if c not in (ATEN, AA_CONTROL)]
-    return ids
+    return ids + [c for c in dict.fromkeys(extra or []) if c not in ids]
 
 
 def _pre_unsupported(problem: Problem, ids: list[str]) -> dict[str, dict]:
@@ -172,12 +174,13 @@ def check_isa(isa: str | None) -> None:
 
 
 def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = None, isa: str | None = None,
-            only: list[str] | None = None, faults: list[str] | None = None, workdir: str | None = None) -> dict:
+            only: list[str] | None = None, faults: list[str] | None = None, workdir: str | None = None,
+            extra: list[str] | None = None) -> dict:
     """Measure all candidates of `problem`; returns the record (see farm.record)."""
     protocol = protocol or Protocol()
     validate(problem)
     check_isa(isa)
-    ids = candidate_ids(problem, grid, only) + [fault_mod.fault_id(kind) for kind in faults or []]
+    ids = candidate_ids(problem, grid, only, extra) + [fault_mod.fault_id(kind) for kind in faults or []]
     final: dict[str, dict] = _pre_unsupported(problem, ids)
     owed = [cid for cid in ids if cid not in final]
     workdir = workdir or tempfile.mkdtemp(prefix="farm-measure-")

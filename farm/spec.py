@@ -39,6 +39,8 @@ class Task:
     problem: Problem
     isa: str
     label: str  # model.layer, for people
+    extra: tuple[str, ...] = ()  # candidates measured besides the grid (e.g. a shipped winner)
+    reason: str = ""  # why it is measured (nightly selection)
 
     @property
     def key(self) -> str:

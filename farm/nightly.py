@@ -1,0 +1,270 @@
+"""The nightly: re-measure what went stale against the shipped tables, diff, report, exit code.
+
+    farm nightly jobs/sweeps/llm.yaml --tables kernels/tables --out nightly/2026-11-26/
+    python -m jobs.nightly ...            (the same, as a CI or `ray job submit` entry point)
+
+Exit codes (for CI): 0 nothing significant, 10 significant regressions, 20 failures (a
+candidate that newly fails, a task that failed, an ISA class with no live worker). Failures
+win over regressions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+from rich.console import Console
+
+from . import stats
+from .diff import DEFAULT_MIN_CHANGE, Change, compare_entries, diff_tables, summary
+from .errors import UserError
+from .spec import Spec, Task, load_spec, parse_spec
+from .store import Store, problem_key
+
+EXIT_OK, EXIT_REGRESSION, EXIT_FAILURE = 0, 10, 20
+DEFAULT_MAX_AGE_DAYS = 30.0
+
+
+@dataclass
+class Selection:
+    isa: str
+    key: str
+    label: str
+    measure: bool
+    reason: str
+    shipped_winner: str | None
+
+
+@dataclass
+class NightlyResult:
+    exit_code: int
+    run_id: str | None
+    out: str
+    selections: list[Selection]
+    changes: dict[str, list[Change]]
+    shipped_checks: list[dict]
+    failures: list[str]
+    wall_s: float
+    tables: dict[str, str] = field(default_factory=dict)
+
+
+def _entry_key(task: Task) -> dict:
+    p = task.problem
+    return {"op": p.op, "dtype": p.dtype, "m": p.m, "n": p.n, "k": p.k, "group_size": p.group_size}
+
+
+def load_shipped(tables_dir: str) -> dict[tuple[str, int], dict]:
+    """(isa, threads) -> table document, for every valid table in `tables_dir`."""
+    import yaml
+
+    from kernels.table import TableError, load
+
+    out = {}
+    if not os.path.isdir(tables_dir):
+        return out
+    for name in sorted(os.listdir(tables_dir)):
+        if not name.endswith(".yaml"):
+            continue
+        path = os.path.join(tables_dir, name)
+        try:
+            load(path)
+        except TableError as exc:
+            raise UserError(f"shipped table {exc}") from None
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+        out[(doc["isa"], doc["threads"])] = doc
+    return out
+
+
+def _find(doc: dict | None, key: dict) -> dict | None:
+    if doc is None:
+        return None
+    return next((e for e in doc["entries"] if e["key"] == key), None)
+
+
+def select(spec: Spec, shipped: dict[tuple[str, int], dict], torch_version: str, template_hash: str,
+           now: dt.datetime, max_age_days: float, remeasure: set[str]) -> list[Selection]:
+    """Why each task of the spec is (or is not) measured tonight. Pure."""
+    out = []
+    for task in spec.tasks:
+        doc = shipped.get((task.isa, task.problem.threads))
+        entry = _find(doc, _entry_key(task))
+        reason, measure = "fresh", False
+        if entry is None:
+            reason, measure = "missing from the shipped table", True
+        else:
+            prov = entry["provenance"]
+            age_days = (now - dt.datetime.fromisoformat(prov["measured_at"])).total_seconds() / 86400
+            if task.key in remeasure or f"{task.isa}:{task.key}" in remeasure or entry.get("remeasure"):
+                reason, measure = "marked for re-measurement", True
+            elif prov["torch"] != torch_version:
+                reason, measure = f"torch changed ({prov['torch']} -> {torch_version})", True
+            elif prov["template_hash"] != template_hash:
+                reason, measure = f"template source changed ({prov['template_hash']} -> {template_hash})", True
+            elif age_days > max_age_days:
+                reason, measure = f"older than {max_age_days:g} days ({age_days:.1f})", True
+        out.append(Selection(task.isa, task.key, task.label, measure, reason, entry["winner"] if entry else None))
+    return out
+
+
+def shipped_check(entry: dict, record: dict, min_change: float = DEFAULT_MIN_CHANGE) -> dict:
+    """What ships, measured again: the shipped winner's time now against its recorded time."""
+    cand = next((c for c in record["candidates"] if c["id"] == entry["winner"]), None)
+    base = {"key": entry["key"], "winner": entry["winner"], "old_us": entry["median_us"], "old_ci95_us": entry.get("ci95_us")}
+    if cand is None or cand["status"] != "ok":
+        return {**base, "kind": "new_failure", "detail": f"shipped winner now {cand['status'] if cand else 'missing'}"}
+    ci = stats.bootstrap_ci(cand["samples_us"])
+    ratio = cand["median_us"] / entry["median_us"]
+    old_ci = entry.get("ci95_us") or [entry["median_us"]] * 2
+    apart = ci[0] > old_ci[1] or ci[1] < old_ci[0]
+    kind = "unchanged"
+    if apart and abs(ratio - 1) > min_change:
+        kind = "regression" if ratio > 1 else "improvement"
+    return {**base, "kind": kind, "new_us": cand["median_us"], "new_ci95_us": list(ci), "ratio": ratio,
+            "detail": f"{entry['winner']} {entry['median_us']:.1f} -> {cand['median_us']:.1f} us"}
+
+
+def merge(old: dict | None, new: dict | None, measured_keys: set[tuple]) -> dict | None:
+    """Shipped table with the re-measured entries replaced (the rest kept as shipped)."""
+    if new is None:
+        return old
+    if old is None:
+        return new
+    merged = dict(new)
+    kept = [e for e in old["entries"] if tuple(sorted(e["key"].items())) not in measured_keys]
+    merged["entries"] = sorted(kept + new["entries"], key=lambda e: str(sorted(e["key"].items())))
+    merged["hosts"] = {**old.get("hosts", {}), **new.get("hosts", {})}
+    merged["run_ids"] = sorted(set(old.get("run_ids", [])) | set(new.get("run_ids", [])))
+    return merged
+
+
+def exit_code(changes: dict[str, list[Change]], checks: list[dict], failures: list[str]) -> int:
+    kinds = {c.kind for cs in changes.values() for c in cs} | {c["kind"] for c in checks}
+    if failures or "new_failure" in kinds:
+        return EXIT_FAILURE
+    if "regression" in kinds:
+        return EXIT_REGRESSION
+    return EXIT_OK
+
+
+def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_dir: str = "kernels/tables",
+        out: str = "nightly", address: str | None = None, store_path: str | None = None,
+        max_age_days: float = DEFAULT_MAX_AGE_DAYS, remeasure: set[str] | None = None,
+        min_change: float = DEFAULT_MIN_CHANGE, history: int = 14, console: Console | None = None) -> NightlyResult:
+    """The whole nightly; returns what happened (exit_code for CI)."""
+    from kernels.provenance import template_hash, torch_version
+    from kernels.table import dump
+
+    from . import dispatch
+    from .aggregate import aggregate
+    from .report import write_report
+    from .sweep import connected, execute
+
+    console = console or Console(stderr=True)
+    start = time.perf_counter()
+    spec = parse_spec(spec_doc, "spec") if spec_doc is not None else load_spec(spec_path)
+    shipped = load_shipped(tables_dir)
+    now = dt.datetime.now(dt.timezone.utc)
+    selections = select(spec, shipped, torch_version(), template_hash(), now, max_age_days, remeasure or set())
+    os.makedirs(out, exist_ok=True)
+    store = Store(store_path or os.path.join(out, "nightly.db"))
+    failures: list[str] = []
+    run_id = None
+    try:
+        chosen = {(s.isa, s.key): s for s in selections if s.measure}
+        tasks = [replace(t, extra=(chosen[(t.isa, t.key)].shipped_winner,) if chosen[(t.isa, t.key)].shipped_winner else (),
+                         reason=chosen[(t.isa, t.key)].reason) for t in spec.tasks if (t.isa, t.key) in chosen]
+        console.print(f"nightly: {len(tasks)} of {len(spec.tasks)} rows to measure")
+        records: list[dict] = []
+        if tasks:
+            run_id = store.start_run("nightly", spec.raw, note=json.dumps([asdict(s) for s in selections if s.measure]))
+            try:
+                with connected(address, sorted({t.isa for t in tasks})):
+                    _, task_failures, _, _ = execute(tasks, spec, store, run_id, None, console)
+                failures += task_failures
+            except UserError as exc:  # e.g. an ISA class with no live worker: a failure CI must see
+                failures.append(str(exc))
+            records = store.records(run_id)
+            store.end_run(run_id, "failed" if failures else "done", sorted({r["host"].get("hostname", "?") for r in records}))
+        result = aggregate(records, torch_version(), template_hash()) if records else None
+        new_tables = result.tables if result else {}
+        changes, checks, written = {}, [], {}
+        for isa_threads in sorted(set(shipped) | set(new_tables)):
+            measured_keys = {tuple(sorted(e["key"].items())) for e in new_tables.get(isa_threads, {}).get("entries", [])}
+            merged = merge(shipped.get(isa_threads), new_tables.get(isa_threads), measured_keys)
+            if merged is None:
+                continue
+            isa, threads = isa_threads
+            path = os.path.join(out, "tables", f"{isa}.yaml" if sum(1 for i, _ in set(shipped) | set(new_tables) if i == isa) == 1 else f"{isa}-t{threads}.yaml")
+            dump(merged, path)
+            written[f"{isa}/{threads}"] = path
+            old = shipped.get(isa_threads, {"entries": []})
+            changes[f"{isa}/{threads}"] = diff_tables(old, merged, min_change)
+            for record in records:
+                if (record["host"]["isa"], record["problem"]["threads"]) != isa_threads:
+                    continue
+                entry = _find(shipped.get(isa_threads), {k: record["problem"][k] for k in ("op", "dtype", "m", "n", "k", "group_size")})
+                if entry is not None:
+                    checks.append({"isa": isa, **shipped_check(entry, record, min_change)})
+        code = exit_code(changes, checks, failures)
+        nightly = NightlyResult(code, run_id, out, selections, changes, checks, failures, time.perf_counter() - start, written)
+        with open(os.path.join(out, "diff.json"), "w") as f:
+            json.dump({"exit_code": code, "run_id": run_id, "failures": failures,
+                       "summary": {k: summary(v) for k, v in changes.items()},
+                       "changes": {k: [c.as_dict() for c in v if c.kind != "unchanged"] for k, v in changes.items()},
+                       "shipped_checks": checks, "selection": [asdict(s) for s in selections]}, f, indent=1)
+        write_report(nightly, shipped, {f"{i}/{t}": d for (i, t), d in new_tables.items()}, store, history)
+    finally:
+        store.close()
+    nightly.wall_s = time.perf_counter() - start
+    return nightly
+
+
+def add_arguments(p) -> None:
+    p.add_argument("spec", help="sweep spec YAML whose rows the nightly keeps fresh")
+    p.add_argument("--tables", default="kernels/tables", help="the shipped tables to compare against")
+    p.add_argument("--out", required=True, help="directory for new tables, diff.json, report.md and plots")
+    p.add_argument("--address", default=None, help="Ray cluster (HOST:6379 or auto); default: embedded local cluster")
+    p.add_argument("--store", default=None, help="SQLite store kept across nights (history); default OUT/nightly.db")
+    p.add_argument("--max-age-days", type=float, default=DEFAULT_MAX_AGE_DAYS, help="re-measure rows older than this")
+    p.add_argument("--remeasure", action="append", default=[], help="problem key (or ISA:key) to re-measure; repeatable")
+    p.add_argument("--min-change", type=float, default=DEFAULT_MIN_CHANGE, help="smallest relative change that counts")
+    p.add_argument("--history", type=int, default=14, help="nights shown in the trend")
+
+
+def _forwarded(args) -> list[str]:
+    """The arguments again, for the same nightly run as a Ray job (driving the cluster from inside)."""
+    out = [args.spec, "--tables", args.tables, "--max-age-days", str(args.max_age_days),
+           "--min-change", str(args.min_change), "--history", str(args.history), "--address", "auto"]
+    if args.store:
+        out += ["--store", args.store]
+    for key in args.remeasure:
+        out += ["--remeasure", key]
+    return out
+
+
+def main_args(args) -> int:
+    if args.address and args.address.startswith(("http://", "https://")):
+        from .relay import submit_and_fetch
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return submit_and_fetch(args.address, "jobs.nightly", _forwarded(args), args.out, root)
+    result = run(args.spec, tables_dir=args.tables, out=args.out, address=args.address, store_path=args.store,
+                 max_age_days=args.max_age_days, remeasure=set(args.remeasure), min_change=args.min_change,
+                 history=args.history)
+    console = Console(stderr=True)
+    label = {EXIT_OK: "nothing significant", EXIT_REGRESSION: "significant regressions", EXIT_FAILURE: "failures"}
+    console.print(f"nightly: {label[result.exit_code]} (exit {result.exit_code}); report {os.path.join(result.out, 'report.md')}; "
+                  f"wall {result.wall_s:.1f} s")
+    for line in result.failures:
+        console.print(f"  failure: {line}")
+    return result.exit_code
+
+
+def register(sub) -> None:
+    p = sub.add_parser("nightly", help="re-measure stale rows, diff against shipped tables, report (CI exit codes)")
+    add_arguments(p)
+    p.set_defaults(fn=main_args)

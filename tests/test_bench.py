@@ -1,0 +1,60 @@
+"""Each benchmark runs on a tiny problem and gives well-formed, numerically checked output.
+(Benchmarks are not timed tests: no speed is asserted here.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from farm.bench import VARIANTS, bench_problem, summarize
+from farm.compiled import TOLERANCE
+from farm.problem import Problem
+from farm.protocol import Protocol
+from tablekit import entry, table_doc
+
+pytestmark = pytest.mark.slow
+QUICK = Protocol(min_rounds=3, max_rounds=3, batch_s=0.002, warmup_s=0.01)
+
+
+@pytest.fixture
+def table(tmp_path):
+    torch.set_num_threads(2)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(table_doc([entry("int8", "bf16", 8, 256, 256, None, "cpp", nearest_m_ok=True)], threads=2)))
+    return str(path)
+
+
+def test_bench_kernels_has_all_four_variants_checked(table):
+    row = bench_problem(Problem("int8", "bf16", 8, 256, 256, threads=2), table, "minimal", QUICK)
+    assert set(row["variants"]) == set(VARIANTS)
+    for v in row["variants"].values():
+        assert v["max_rel_err"] <= TOLERANCE["bf16"] and v["median_us"] > 0 and v["compile_s"] > 0
+        assert v["speedup_ci95"][0] <= v["speedup_vs_default"] <= v["speedup_ci95"][1]
+    assert row["table_choice"] == ["cpp"]  # the table's winner really was compiled
+    assert row["oracle"]["id"] in row["candidates"]
+    assert row["variants"]["default"]["speedup_vs_default"] == 1.0
+    summary = summarize([row])
+    assert summary["problems"] == 1 and 0 <= summary["share_within_noise_of_oracle"] <= 1
+
+
+def test_bench_model_cli_tiny_block(table):
+    out = subprocess.run([sys.executable, "-m", "farm.cli", "bench", "model", "--model", "tiny-block", "--quant", "int4",
+                          "--decode", "2", "--prefill", "16", "--table", table, "--threads", "2", "--rounds", "3", "--json"],
+                         check=True, capture_output=True, text=True)
+    report = json.loads(out.stdout)
+    assert [(r["phase"], r["m"]) for r in report["rows"]] == [("decode", 2), ("prefill", 16)]
+    for r in report["rows"]:
+        assert set(r["variants"]) == {"default", "max-autotune", "table"}
+        assert all(v["median_ms"] > 0 and v["compile_s"] > 0 for v in r["variants"].values())
+
+
+def test_bench_roofline_reports_bandwidth_peak_and_efficiencies(table):
+    from farm.roofline import roofline
+
+    report = roofline(table)
+    assert report["bandwidth_gbs"] > 0.5 and report["peak_bf16_gflops"] > 1
+    row = report["rows"][0]
+    assert row["bound"] in ("memory", "compute") and row["efficiency"] > 0
