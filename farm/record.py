@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import jsonschema
-
 from kernels.candidates import AA_CONTROL, ATEN
 from kernels.provenance import template_hash, torch_version
 
@@ -64,6 +62,8 @@ RECORD_SCHEMA = {
 
 def validate_record(record: dict) -> None:
     """Raise jsonschema.ValidationError naming the field that is wrong."""
+    import jsonschema  # only validation needs it, not the measuring path
+
     jsonschema.validate(record, RECORD_SCHEMA)
 
 

@@ -107,7 +107,7 @@ def register(policy: Policy) -> None:
         aten = torch.ops.aten
         for packet, fn in ((aten._weight_int8pack_mm, _int8pack_mm), (aten._weight_int4pack_mm_for_cpu, _int4pack_mm)):
             # Every overload explicitly: register_lowering skips overloads already lowered.
-            targets = [packet, *packet.op_overloads()]
+            targets = [packet, *(getattr(packet, name) for name in packet.overloads())]
             _originals.update({t: inductor_lowering.lowerings[t] for t in targets if t in inductor_lowering.lowerings})
             inductor_lowering.register_lowering(targets, type_promotion_kind=None)(fn)
 
@@ -177,6 +177,11 @@ def _fallback_or_raise(key: ProblemKey, candidate: Candidate, reason: str, origi
     return original(*args, **kwargs)
 
 
+def _first(result):
+    """autotune_select_algorithm returns (node, choice) in torch 2.13, the node alone before."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def _int8pack_mm(input, weight, scale, *, layout=None):
     from torch._inductor.codegen.cpp_gemm_template import CppGemmTemplate
     from torch._inductor.codegen.cpp_utils import create_epilogue_with_attr
@@ -210,8 +215,7 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
         bind(CppGemmTemplate, candidate.knobs).add_choices(
             choices, out_layout, [mat1, mat2, scale], trans_w=True, epilogue_creator=mul_epilogue
         )
-    node, _ = autotune_select_algorithm("_weight_int8pack_mm", choices, [mat1, mat2, scale], out_layout)
-    return node
+    return _first(autotune_select_algorithm("_weight_int8pack_mm", choices, [mat1, mat2, scale], out_layout))
 
 
 def _dequant_mm(input, weight, scale):
@@ -262,5 +266,4 @@ def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
             args = (input, weight, qGroupSize, qScaleAndZeros)
             return _fallback_or_raise(key, candidate, reason, original, args, {"layout": layout})
         bind(CppWoqInt4GemmTemplate[int(qGroupSize)], candidate.knobs).add_choices(choices, out_layout, inputs)
-    node, _ = autotune_select_algorithm("_weight_int4pack_mm_for_cpu", choices, inputs, out_layout)
-    return node
+    return _first(autotune_select_algorithm("_weight_int4pack_mm_for_cpu", choices, inputs, out_layout))
