@@ -35,7 +35,7 @@ def _by_id(record):
 )
 def test_every_ok_candidate_matches_eager(op, dtype, m, group, quick_protocol):
     problem = Problem(op, dtype, m, 256, 256, group, threads=2)
-    record = measure(problem, protocol=quick_protocol, only=["cpp", KNOBBED])
+    record = measure(problem, protocol=quick_protocol, only=["cpp", "dq", KNOBBED])
     validate_record(record)
     cands = _by_id(record)
     assert cands["aten"]["status"] == "ok"
@@ -45,6 +45,7 @@ def test_every_ok_candidate_matches_eager(op, dtype, m, group, quick_protocol):
             assert c["max_rel_err"] <= TOLERANCE[dtype]
             assert c["median_us"] > 0 and c["ci95_us"][0] <= c["median_us"] <= c["ci95_us"][1]
             assert len(c["samples_us"]) == record["protocol"]["rounds"]
+    assert cands["dq"]["status"] == ("ok" if op == "int8" else "unsupported")
     # Where Inductor has a template, the test really ran it (not ATen again).
     if (op, dtype) in (("int8", "bf16"), ("int8", "fp32"), ("int4", "bf16")):
         assert cands["cpp"]["status"] == "ok"

@@ -185,6 +185,7 @@ def test_bad_specs_fail_before_scheduling_naming_the_field(name, tmp_path):
     assert Store(str(tmp_path / "x.db")).runs() == []
 
 
+@pytest.mark.slow
 def test_a_class_with_no_live_node_is_an_immediate_error(mixed_cluster, tmp_path):
     start = time.time()
     with pytest.raises(UserError, match="no live Ray node for ISA class\\(es\\) amx"):
