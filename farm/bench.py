@@ -12,7 +12,6 @@ ratios, bootstrap intervals). Ratios are what to read: absolute times move with 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -31,6 +30,7 @@ from .compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_
 from .errors import UserError
 from .problem import Problem, make_operands, validate
 from .protocol import Protocol
+from .render import emit
 from .timing import run_rounds
 
 VARIANTS = ("default", "max-autotune", "table")
@@ -200,15 +200,8 @@ def cmd_kernels(args) -> int:
         rows.append(bench_problem(problem, table, args.grid, protocol))
         Console(stderr=True).print(f"benched {problem.label()}")
     report = {"table": table, "rows": rows, "summary": summarize(rows)}
-    _emit(report, args.json, render_kernels)
+    emit(report, args.json, render_kernels)
     return 0
-
-
-def _emit(report: dict, as_json: bool, render) -> None:
-    if as_json:
-        print(json.dumps(report))
-    else:
-        render(report, Console(width=220))
 
 
 def register(sub) -> None:

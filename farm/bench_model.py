@@ -10,7 +10,6 @@ farm's table, timed interleaved in one process; compile times of each.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ from rich.table import Table
 from . import stats
 from .compiled import graphs_compiled
 from .protocol import Protocol
+from .render import emit
 from .timing import run_rounds
 
 MODELS = {
@@ -172,10 +172,7 @@ def cmd_model(args) -> int:
     report = bench_block(args.model, args.quant, shapes, args.table or kernels.shipped_table(),
                          Protocol(min_rounds=args.rounds, max_rounds=max(args.rounds, 21)),
                          args.threads or torch.get_num_threads())
-    if args.json:
-        print(json.dumps(report))
-    else:
-        render(report, Console(width=200))
+    emit(report, args.json, render)
     return 0
 
 

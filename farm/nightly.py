@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field, replace
 from rich.console import Console
 
 from . import stats
-from .diff import DEFAULT_MIN_CHANGE, Change, compare_entries, diff_tables, summary
+from .diff import DEFAULT_MIN_CHANGE, Change, diff_tables, summary
 from .errors import UserError
 from .spec import Spec, Task, load_spec, parse_spec
-from .store import Store, problem_key
+from .store import Store
 
 EXIT_OK, EXIT_REGRESSION, EXIT_FAILURE = 0, 10, 20
 DEFAULT_MAX_AGE_DAYS = 30.0
@@ -158,7 +158,6 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from . import dispatch
     from .aggregate import aggregate
     from .report import write_report
     from .sweep import connected, execute

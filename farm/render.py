@@ -40,3 +40,13 @@ def record_table(record: dict) -> Table:
 def print_record(record: dict, console: Console | None = None) -> None:
     # Wide enough for every column when piped (rich defaults to 80 columns off a terminal).
     (console or Console(width=200)).print(record_table(record))
+
+
+def emit(report: dict, as_json: bool, render_fn) -> None:
+    """A bench report as one JSON object, or through its rich renderer."""
+    import json
+
+    if as_json:
+        print(json.dumps(report))
+    else:
+        render_fn(report, Console(width=220))

@@ -99,7 +99,7 @@ def _fmt_ratio(r) -> str:
 
 def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: int) -> str:
     """report.md in result.out; returns its path."""
-    lines = [f"# kernel-farm nightly", "",
+    lines = ["# kernel-farm nightly", "",
              f"Exit code **{result.exit_code}** (0 nothing significant, 10 regressions, 20 failures). "
              f"Run `{result.run_id or 'none: nothing to measure'}`, wall {result.wall_s:.0f} s. "
              f"Raw rows: store `{store.path}`, `diff.json`.", ""]

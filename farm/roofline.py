@@ -12,7 +12,6 @@ Method (documented in the output):
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -92,11 +91,9 @@ def render(report: dict, console: Console) -> None:
 
 
 def cmd_roofline(args) -> int:
-    report = roofline(args.table)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        render(report, Console(width=200))
+    from .render import emit
+
+    emit(roofline(args.table), args.json, render)
     return 0
 
 
