@@ -16,6 +16,7 @@ from kernels.candidates import AA_CONTROL, ATEN, parse
 from kernels.table import TABLE_SCHEMA
 
 from . import stats
+from .store import host_name
 
 # A neighbour M bucket may borrow this entry's winner when it loses at most 3% against its
 # own winner there: about the A/A noise measured on these hosts (2-5%).
@@ -47,7 +48,7 @@ def is_stale(record: dict, torch_version: str, template_hash: str) -> bool:
 
 
 def _host_name(record: dict) -> str:
-    return record["host"].get("hostname") or record["host"].get("cpu", "?")
+    return host_name(record["host"])
 
 
 def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:

@@ -37,6 +37,11 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def host_name(host: dict) -> str:
+    """A host's identity in the store and in tables (records before host_id: the hostname)."""
+    return host.get("host_id") or host.get("hostname") or host.get("cpu", "?")
+
+
 def problem_key(problem: dict) -> str:
     """Readable, canonical key of a problem (also what a sweep task is named by)."""
     group = problem.get("group_size") or "-"
@@ -99,7 +104,7 @@ class Store:
             self.db.execute(
                 "INSERT INTO measurements (run_id, problem_key, isa, host, node_id, torch, template_hash,"
                 " measured_at, winner, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, problem_key(record["problem"]), host["isa"], host.get("hostname", "?"), node_id,
+                (run_id, problem_key(record["problem"]), host["isa"], host_name(host), node_id,
                  prov["torch"], prov["template_hash"], prov["measured_at"], record.get("winner"), json.dumps(record)))
         except sqlite3.IntegrityError:
             return False
