@@ -182,7 +182,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
             run_id = store.start_run("nightly", spec.raw, note=json.dumps([asdict(s) for s in selections if s.measure]))
             try:
                 with connected(address, sorted({t.isa for t in tasks})):
-                    _, task_failures, _, _ = execute(tasks, spec, store, run_id, None, console)
+                    _, task_failures, _ = execute(tasks, spec, store, run_id, None, console)
                 failures += task_failures
             except UserError as exc:  # e.g. an ISA class with no live worker: a failure CI must see
                 failures.append(str(exc))

@@ -31,8 +31,7 @@ class SweepResult:
     failed: list[str]
     tables: dict = field(default_factory=dict)
     wall_s: float = 0.0
-    worker_s: float = 0.0
-    compile_timing_s: float = 0.0
+    overhead: "Overhead | None" = None
 
 
 
@@ -97,7 +96,8 @@ def execute(tasks: list[Task], spec: Spec, store: Store, run_id: str, max_in_fli
     by_isa = dispatch.require_classes(sorted({t.isa for t in tasks}), dispatch.live_nodes())
     slots = max_in_flight or dispatch.host_slots(by_isa, spec.isa)
     pending, in_flight, measured, failed = list(tasks), {}, 0, []
-    worker_s = compile_timing_s = 0.0
+    worker_s = compile_timing_s = task_s = 0.0
+    submitted: dict = {}
     with _progress(console) as bar:
         job = bar.add_task(f"sweep {spec.name} ({slots} at a time)", total=len(tasks))
         while pending or in_flight:
@@ -105,9 +105,11 @@ def execute(tasks: list[Task], spec: Spec, store: Store, run_id: str, max_in_fli
                 task = pending.pop(0)
                 ref = dispatch.submit(task.problem.as_dict(), task.isa, spec.space, spec.protocol.as_dict(), task.extra)
                 in_flight[ref] = task
+                submitted[ref] = time.perf_counter()
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 task = in_flight.pop(ref)
+                task_s += time.perf_counter() - submitted.pop(ref)
                 try:
                     record = ray.get(ref)
                 except Exception as exc:  # node lost beyond retries, or a farm bug: the sweep goes on
@@ -124,7 +126,23 @@ def execute(tasks: list[Task], spec: Spec, store: Store, run_id: str, max_in_fli
                     if on_record:
                         on_record(record)
                 bar.advance(job)
-    return measured, failed, worker_s, compile_timing_s
+    return measured, failed, Overhead(task_s, worker_s, compile_timing_s)
+
+
+@dataclass
+class Overhead:
+    """Where a sweep's time went: Ray round trips, measurement processes, compile + timing."""
+
+    task_s: float = 0.0  # submit -> result, as the driver saw it
+    worker_s: float = 0.0  # measure() wall time on the nodes (process start, imports, all candidates)
+    compile_timing_s: float = 0.0  # of which compiling and timing candidates
+
+    def line(self) -> str:
+        if not self.task_s:
+            return "nothing measured"
+        return (f"compile+timing {self.compile_timing_s:.0f} s = {100 * self.compile_timing_s / self.task_s:.0f}% of task time "
+                f"({self.task_s:.0f} s); measurement processes {self.worker_s:.0f} s; Ray and scheduling "
+                f"{self.task_s - self.worker_s:.0f} s")
 
 
 def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: str | None = None,
@@ -148,11 +166,11 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: 
         run_id = run_id or store.start_run(kind, spec.raw)
         console.print(f"run {run_id}: {len(todo)} to measure, {skipped_fresh} fresh in the store, "
                       f"{skipped_done} already done in this run")
-        measured, failed, worker_s, useful_s = 0, [], 0.0, 0.0
+        measured, failed, overhead = 0, [], Overhead()
         if todo:
             try:
                 with connected(address, sorted({t.isa for t in todo})):
-                    measured, failed, worker_s, useful_s = execute(todo, spec, store, run_id, max_in_flight, console)
+                    measured, failed, overhead = execute(todo, spec, store, run_id, max_in_flight, console)
             except BaseException:
                 store.end_run(run_id, "failed")  # what was stored stays; --resume finishes it
                 raise
@@ -162,7 +180,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: 
     finally:
         store.close()
     return SweepResult(run_id, store_path, measured, skipped_fresh, skipped_done, failed, tables,
-                       time.perf_counter() - start, worker_s, useful_s)
+                       time.perf_counter() - start, overhead)
 
 
 def spec_records(store: Store, spec: Spec) -> list[dict]:
@@ -210,9 +228,8 @@ def main_args(args) -> int:
     result = run(args.spec, address=args.address, store_path=args.store, out=args.out, resume=args.resume,
                  force=args.force, max_in_flight=args.max_in_flight)
     console = Console(stderr=True)
-    share = f", compile+timing {100 * result.compile_timing_s / result.worker_s:.0f}% of worker time" if result.worker_s else ""
     console.print(f"run {result.run_id}: measured {result.measured}, fresh skipped {result.skipped_fresh}, "
-                  f"failed {len(result.failed)}; wall {result.wall_s:.1f} s{share}")
+                  f"failed {len(result.failed)}; wall {result.wall_s:.1f} s; {result.overhead.line()}")
     for line in result.failed:
         console.print(f"  failed: {line}")
     for (isa, threads), path in result.tables.items():
