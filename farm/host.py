@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import uuid
 from dataclasses import asdict, dataclass, field
 
 ISA_CLASSES = ("amx", "avx512", "avx2", "default")
@@ -24,6 +25,7 @@ class HostProfile:
     aten_capability: str
     cpu: str
     hostname: str
+    host_id: str  # hostname + machine id: two machines may share a hostname ("vm")
     cores: int
     logical_cpus: int
     threads: int
@@ -86,6 +88,15 @@ def _memory_bytes() -> int:
         return 0
 
 
+def host_id() -> str:
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip()[:12]
+    except OSError:
+        machine = f"{uuid.getnode():012x}"
+    return f"{platform.node()}-{machine}"
+
+
 def apply_emulation(isa: str | None) -> None:
     """In this process: make Inductor target `isa` (ATen's capability must come from the env)."""
     if isa is None:
@@ -112,6 +123,7 @@ def profile(threads: int | None = None) -> HostProfile:
         aten_capability=torch.backends.cpu.get_cpu_capability(),
         cpu=_cpu_model(),
         hostname=platform.node(),
+        host_id=host_id(),
         cores=int(caps.get("num_physical_cores") or os.cpu_count() or 1),
         logical_cpus=os.cpu_count() or 1,
         threads=threads or torch.get_num_threads(),

@@ -22,7 +22,7 @@ from . import stats
 from .diff import DEFAULT_MIN_CHANGE, Change, diff_tables, summary
 from .errors import UserError
 from .spec import Spec, Task, load_spec, parse_spec
-from .store import Store
+from .store import Store, host_name
 
 EXIT_OK, EXIT_REGRESSION, EXIT_FAILURE = 0, 10, 20
 DEFAULT_MAX_AGE_DAYS = 30.0
@@ -187,7 +187,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
             except UserError as exc:  # e.g. an ISA class with no live worker: a failure CI must see
                 failures.append(str(exc))
             records = store.records(run_id)
-            store.end_run(run_id, "failed" if failures else "done", sorted({r["host"].get("hostname", "?") for r in records}))
+            store.end_run(run_id, "failed" if failures else "done", sorted({host_name(r["host"]) for r in records}))
         result = aggregate(records, torch_version(), template_hash()) if records else None
         new_tables = result.tables if result else {}
         changes, checks, written = {}, [], {}

@@ -18,7 +18,7 @@ from . import dispatch
 from .node import apply_driver_env
 from .errors import UserError
 from .spec import Spec, Task, load_spec, parse_spec
-from .store import Store
+from .store import Store, host_name
 
 
 @dataclass
@@ -174,7 +174,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: 
             except BaseException:
                 store.end_run(run_id, "failed")  # what was stored stays; --resume finishes it
                 raise
-        hosts = sorted({r["host"].get("hostname", "?") for r in store.records(run_id)})
+        hosts = sorted({host_name(r["host"]) for r in store.records(run_id)})
         store.end_run(run_id, "failed" if failed else "done", hosts)
         tables = write_tables(store, spec, out) if out else {}
     finally:
