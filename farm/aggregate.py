@@ -139,6 +139,9 @@ def _entry(key: tuple, records: list[dict], resamples: int) -> tuple[dict, dict[
         "runner_up_ci95": [round(v, 4) for v in runner.ci95] if runner else None,
         "margin": round(winner.speedup / runner.speedup, 4) if runner else None,
         "noise_band": round(band, 4),
+        # Candidates statistically tied with the winner: a later flip to one of them is a tie.
+        "within_noise": sorted(c.id for c in combined.values() if c.ok and c.id not in (winner.id, AA_CONTROL)
+                               and c.ci95[0] <= winner.ci95[1] and winner.ci95[0] <= c.ci95[1]),
         "rule": rule,
         "samples": winner.samples,
         "hosts": sorted(winner.per_host),

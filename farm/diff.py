@@ -1,7 +1,7 @@
 """Compare two tables: winner flips, ties, significant speed changes, new failures. Pure.
 
-A change counts only when the intervals say so: a time change needs the two 95% intervals
-of the winner's time apart and a relative change above the threshold; a winner change
+A change counts only when the intervals say so: a speed change needs the two 95% intervals of
+the winner's paired speedup over ATen apart and a relative change above the threshold; a winner change
 between two candidates whose intervals overlap is a tie, not a flip.
 """
 
@@ -39,15 +39,23 @@ def _apart(a, b) -> bool:
     return a is not None and b is not None and (a[1] < b[0] or b[1] < a[0])
 
 
-def _time_change(old: dict, new: dict, min_change: float) -> tuple[str, float]:
+def _speed_change(old: dict, new: dict, min_change: float) -> tuple[str, float]:
+    """Judged on the paired speedup over ATen, not on absolute time: two runs on a shared host
+    drift together (ATen included), and only a ratio measured within one run means anything.
+    Returns (kind, new time / old time) - the time ratio is shown, not judged."""
     ratio = new["median_us"] / old["median_us"]
-    if _apart(old.get("ci95_us"), new.get("ci95_us")) and abs(ratio - 1) > min_change:
-        return ("regression" if ratio > 1 else "improvement"), ratio
+    change = new["speedup_vs_aten"] / old["speedup_vs_aten"]
+    if _apart(old.get("speedup_ci95"), new.get("speedup_ci95")) and abs(change - 1) > min_change:
+        return ("regression" if change < 1 else "improvement"), ratio
     return "unchanged", ratio
 
 
 def _flip_or_tie(old: dict, new: dict) -> tuple[str, str]:
     """Two winners within noise of each other (in either table) are a tie."""
+    if old["winner"] in (new.get("within_noise") or []):
+        return "tie", f"{old['winner']} is within noise of {new['winner']} in the new table"
+    if new["winner"] in (old.get("within_noise") or []):
+        return "tie", f"{new['winner']} was within noise of {old['winner']} in the old table"
     if new.get("runner_up") == old["winner"] and not _apart(new["speedup_ci95"], new.get("runner_up_ci95")):
         return "tie", f"{old['winner']} is within noise of {new['winner']} in the new table"
     if old.get("runner_up") == new["winner"] and not _apart(old["speedup_ci95"], old.get("runner_up_ci95")):
@@ -62,7 +70,7 @@ def compare_entries(old: dict | None, new: dict | None, min_change: float = DEFA
         return Change(key, "added", None, new["winner"], None, new["median_us"], None, None, new["speedup_vs_aten"])
     if new is None:
         return Change(key, "removed", old["winner"], None, old["median_us"], None, None, old["speedup_vs_aten"], None)
-    kind, ratio = _time_change(old, new, min_change)
+    kind, ratio = _speed_change(old, new, min_change)
     detail = ""
     if old["winner"] != new["winner"]:
         flip, detail = _flip_or_tie(old, new)

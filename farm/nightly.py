@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 from rich.console import Console
 
-from . import stats
 from .diff import DEFAULT_MIN_CHANGE, Change, diff_tables, summary
 from .errors import UserError
 from .spec import Spec, Task, load_spec, parse_spec
@@ -111,20 +110,26 @@ def select(spec: Spec, shipped: dict[tuple[str, int], dict], torch_version: str,
 
 
 def shipped_check(entry: dict, record: dict, min_change: float = DEFAULT_MIN_CHANGE) -> dict:
-    """What ships, measured again: the shipped winner's time now against its recorded time."""
+    """What ships, measured again: the shipped winner's paired speedup over ATen now against the
+    shipped one (a slower shipped kernel is a regression even when a new winner hides it).
+    Absolute times are reported with ATen's own drift, which says how much the host moved."""
     cand = next((c for c in record["candidates"] if c["id"] == entry["winner"]), None)
-    base = {"key": entry["key"], "winner": entry["winner"], "old_us": entry["median_us"], "old_ci95_us": entry.get("ci95_us")}
+    base = {"key": entry["key"], "winner": entry["winner"], "old_us": entry["median_us"],
+            "old_speedup": entry["speedup_vs_aten"], "old_speedup_ci95": entry["speedup_ci95"]}
     if cand is None or cand["status"] != "ok":
         return {**base, "kind": "new_failure", "detail": f"shipped winner now {cand['status'] if cand else 'missing'}"}
-    ci = stats.bootstrap_ci(cand["samples_us"])
-    ratio = cand["median_us"] / entry["median_us"]
-    old_ci = entry.get("ci95_us") or [entry["median_us"]] * 2
-    apart = ci[0] > old_ci[1] or ci[1] < old_ci[0]
+    aten = next(c for c in record["candidates"] if c["id"] == "aten")
+    old_aten_us = entry["median_us"] * entry["speedup_vs_aten"]  # winner time x its speedup = ATen's time
+    change = cand["speedup_vs_aten"] / entry["speedup_vs_aten"]
+    old_ci, new_ci = entry["speedup_ci95"], cand["speedup_ci95"]
+    apart = new_ci[1] < old_ci[0] or new_ci[0] > old_ci[1]
     kind = "unchanged"
-    if apart and abs(ratio - 1) > min_change:
-        kind = "regression" if ratio > 1 else "improvement"
-    return {**base, "kind": kind, "new_us": cand["median_us"], "new_ci95_us": list(ci), "ratio": ratio,
-            "detail": f"{entry['winner']} {entry['median_us']:.1f} -> {cand['median_us']:.1f} us"}
+    if apart and abs(change - 1) > min_change:
+        kind = "regression" if change < 1 else "improvement"
+    return {**base, "kind": kind, "new_us": cand["median_us"], "ratio": cand["median_us"] / entry["median_us"],
+            "new_speedup": cand["speedup_vs_aten"], "new_speedup_ci95": new_ci, "speedup_change": change,
+            "aten_drift": aten["median_us"] / old_aten_us,
+            "detail": f"speedup {entry['speedup_vs_aten']:.3f} -> {cand['speedup_vs_aten']:.3f}"}
 
 
 def merge(old: dict | None, new: dict | None, measured_keys: set[tuple]) -> dict | None:

@@ -31,7 +31,7 @@ def record_table(record: dict) -> Table:
         table.add_row(escape(c["id"] + mark), c["status"], _fmt(c["median_us"]), _interval(c["ci95_us"]),
                       _fmt(c["speedup_vs_aten"], ".3f"), _interval(c["speedup_ci95"], ".3f"), _fmt(c["compile_s"], ".2f"), note)
     noise = record["noise"]
-    table.caption = (f"winner: {record['winner']} ({record['winner_rule']}); A/A noise band ±{noise['band']:.3f}; "
+    table.caption = (f"winner: {escape(str(record['winner']))} ({escape(record['winner_rule'])}); A/A noise band ±{noise['band']:.3f}; "
                      f"{record['protocol']['rounds']} rounds; worker wall {record['worker']['wall_s']:.1f} s")
     table.caption_justify = "left"
     return table

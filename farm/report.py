@@ -120,12 +120,17 @@ def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: 
         notable = [c for c in checks if c["kind"] != "unchanged"]
         lines += ["### What ships, measured again", ""]
         if notable:
-            lines += ["| problem | shipped winner | shipped us | now us | ratio | verdict |", "|---|---|---|---|---|---|"]
-            for c in sorted(notable, key=lambda c: -(c.get("ratio") or 0)):
-                lines.append(f"| {key_text(c['key'])} | `{c['winner']}` | {c['old_us']:.1f} | {c.get('new_us', float('nan')):.1f} "
-                             f"| {_fmt_ratio(c.get('ratio'))} | **{c['kind']}** |")
+            lines += ["| problem | shipped winner | speedup shipped | speedup now (95% CI) | time now/shipped | ATen drift | verdict |",
+                      "|---|---|---|---|---|---|---|"]
+            for c in sorted(notable, key=lambda c: c.get("speedup_change") or 0):
+                ci = c.get("new_speedup_ci95") or [float("nan")] * 2
+                lines.append(f"| {key_text(c['key'])} | `{c['winner']}` | {c['old_speedup']:.3f} | "
+                             f"{c.get('new_speedup', float('nan')):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {_fmt_ratio(c.get('ratio'))} "
+                             f"| {_fmt_ratio(c.get('aten_drift'))} | **{c['kind']}** |")
         else:
-            lines.append(f"No significant change in {len(checks)} re-measured shipped winners.")
+            drift = [c["aten_drift"] for c in checks if c.get("aten_drift")]
+            moved = f" (the host itself moved: ATen x{min(drift):.3f}..x{max(drift):.3f})" if drift else ""
+            lines.append(f"No significant change in {len(checks)} re-measured shipped winners{moved}.")
         lines.append("")
         ordered = [c for c in changes if c.kind != "unchanged"]
         lines += ["### Table changes (regressions and improvements first)", ""]

@@ -79,3 +79,13 @@ def test_diff_reports_regressions_flips_and_ties():
     new_e = dict(old["entries"][0], winner="cpp[tf=2,1,1]", runner_up="cpp", runner_up_ci95=[1.2, 1.3],
                  speedup_ci95=[1.22, 1.28])
     assert compare_entries(old["entries"][0], new_e).kind == "tie"
+
+
+def test_a_flip_to_a_candidate_tied_with_the_winner_is_a_tie():
+    tied = _table({"aten": noisy(100), "cpp": noisy(80, seed=3), "cpp[tf=2,1,1]": noisy(80.5, seed=4),
+                   "cpp[cb=1,16,64]": noisy(95, seed=5)})
+    entry = tied["entries"][0]
+    other = next(c for c in ("cpp", "cpp[tf=2,1,1]") if c != entry["winner"])
+    assert other in entry["within_noise"] and "cpp[cb=1,16,64]" not in entry["within_noise"]
+    flipped = dict(entry, winner=other, within_noise=[entry["winner"]])
+    assert compare_entries(entry, flipped).kind == "tie"

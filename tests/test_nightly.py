@@ -103,8 +103,8 @@ def test_report_plots_show_the_tables_speedups(first_night):
     from PIL import Image
 
     with Image.open(base / "n1" / "plots" / "avx512-t2-speedup.png") as image:
-        pixels = image.convert("L").getdata()
-        assert image.size[0] > 300 and sum(1 for p in pixels if p < 200) > 2000  # real drawing, not blank
+        dark = sum(image.convert("L").histogram()[:200])
+        assert image.size[0] > 300 and dark > 2000  # real drawing, not a blank canvas
 
 
 @pytest.mark.slow
