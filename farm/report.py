@@ -63,6 +63,7 @@ def trend_plot(history: dict[str, list[tuple[str, float]]], title: str, path: st
         (line,) = ax.plot(range(len(points)), [v for _, v in points], marker="o", label=key)
         drawn[key] = [round(float(v), 3) for v in line.get_ydata()]
     ax.set_xlabel("night (oldest first)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("winner median time (us)")
     ax.set_title(title)
     if drawn:
@@ -147,9 +148,9 @@ def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: 
         speedup_plot(old, new_tables.get(name), f"{isa}, {threads} threads: winner speedup over ATen",
                      os.path.join(result.out, plot))
         lines += [f"![speedup over ATen, shipped vs new]({plot})", ""]
-        changed = {c.key for c in ordered}
-        if changed:
-            history = key_history(store, isa, changed, nights)
+        remeasured = {key_text(r["problem"]) for r in store.records(result.run_id, isa)} if result.run_id else set()
+        if remeasured:
+            history = key_history(store, isa, remeasured, nights)
             if history:
                 trend = os.path.join("plots", f"{isa}-t{threads}-trend.png")
                 trend_plot(history, f"{isa}: winner time over the last {nights} nights", os.path.join(result.out, trend))
