@@ -62,7 +62,9 @@ def kernel_summary(sources: list[str]) -> dict:
     blocking = {name: int(v) for name, v in _BLOCKING_RE.findall(code)}
     return {
         "template": "cpp_CppMicroGemm" in code or bool(blocking),
-        "extern_aten": "_weight_int8pack_mm" in code or "int4pack_mm" in code or "int4mm_packed" in code,
+        # A call of ATen's kernel, not a name in comments or kernel names ("cpp_fused__weight_...").
+        "extern_aten": bool(re.search(r"extern_kernels\.\w*(int8pack_mm|int4pack_mm|int4mm_packed)\w*\(|"
+                                      r"torch\.ops\.(aten|quantized)\.\w*(int4mm_packed|int4pack_mm)\w*\.default\(", code)),
         "small_m_path": "Handle one output M * Nr block in each thread" in code,
         "blocking": blocking,
         "code_sha": hashlib.sha256(code.encode()).hexdigest()[:16],

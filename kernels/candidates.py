@@ -88,10 +88,6 @@ class Candidate:
             parts.append(f"ks={self.knobs.k_slices}")
         return "cpp" + (f"[{';'.join(parts)}]" if parts else "")
 
-    @property
-    def lowering_kind(self) -> str:
-        return self.kind
-
     def __str__(self) -> str:
         return self.id
 

@@ -50,6 +50,7 @@ def test_every_ok_candidate_matches_eager(op, dtype, m, group, quick_protocol):
     if (op, dtype) in (("int8", "bf16"), ("int8", "fp32"), ("int4", "bf16")):
         assert cands["cpp"]["status"] == "ok"
         assert cands["cpp"]["kernel"]["template"] and not cands["aten"]["kernel"]["template"]
+        assert cands["aten"]["kernel"]["extern_aten"] and not cands["cpp"]["kernel"]["extern_aten"]
 
 
 def test_broken_candidates_are_recorded_and_the_rest_completes(quick_protocol):
