@@ -84,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_entry_point(prog: str, doc: str | None, add_arguments, main_args, argv: list[str] | None = None,
+                    adjust=None) -> int:
+    """A `python -m jobs.X` entry point: the subcommand's own arguments and runner, with the
+    same UserError handling as `farm`; `adjust(args)` sets entry-point defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if adjust:
+        adjust(args)
+    try:
+        return main_args(args)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

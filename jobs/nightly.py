@@ -7,22 +7,14 @@ report; with HOST:6379 or auto it drives the cluster directly; with none, a loca
 Exit codes: 0 nothing significant, 10 significant regressions, 20 failures, 2 bad input.
 """
 
-import argparse
 import sys
 
-from farm.errors import UserError
+from farm.cli import run_entry_point
 from farm.nightly import add_arguments, main_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return main_args(args)
-    except UserError as exc:
-        print(f"jobs.nightly: error: {exc}", file=sys.stderr)
-        return 2
+    return run_entry_point("python -m jobs.nightly", __doc__, add_arguments, main_args, argv)
 
 
 if __name__ == "__main__":

@@ -3,23 +3,18 @@
 Under `ray job submit` the driver runs on the cluster, so the address defaults to `auto`.
 """
 
-import argparse
 import sys
 
-from farm.errors import UserError
+from farm.cli import run_entry_point
 from farm.sweep import add_arguments, main_args
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+def _on_the_cluster(args) -> None:
     args.address = args.address or "auto"
-    try:
-        return main_args(args)
-    except UserError as exc:
-        print(f"jobs.sweep: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_entry_point("python -m jobs.sweep", __doc__, add_arguments, main_args, argv, _on_the_cluster)
 
 
 if __name__ == "__main__":
