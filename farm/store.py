@@ -7,6 +7,7 @@ Store format history (STORE_VERSION, kept in the meta table):
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import os
 import sqlite3
@@ -138,11 +139,12 @@ def open_store(path: str) -> Store:
 
 
 def read_records(paths: list[str] | None = None, store: str | None = None, run_id: str | None = None) -> list[dict]:
-    """Records from `farm measure --json` files (an object, a list, or JSON lines) and/or a store."""
+    """Records from `farm measure --json` files (an object, a list, or JSON lines; .gz too) and/or a store."""
     records: list[dict] = []
     for path in paths or []:
         try:
-            with open(path) as f:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as f:
                 text = f.read()
         except OSError as exc:
             raise UserError(f"{path}: cannot read ({exc.strerror})") from None
