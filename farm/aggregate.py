@@ -188,6 +188,18 @@ def _key_of(entry: dict) -> tuple:
     return problem_key(entry["key"])
 
 
+def table_paths(out: str, keys) -> dict[tuple[str, int], str]:
+    """<isa>.yaml per ISA class, as the design names them; <isa>-t<threads>.yaml when one
+    class has tables for several thread counts."""
+    import os
+
+    keys = sorted(set(keys))
+    counts = defaultdict(int)
+    for isa, _ in keys:
+        counts[isa] += 1
+    return {(isa, t): os.path.join(out, f"{isa}.yaml" if counts[isa] == 1 else f"{isa}-t{t}.yaml") for isa, t in keys}
+
+
 @dataclass
 class AggregateResult:
     tables: dict[tuple[str, int], dict]

@@ -11,6 +11,8 @@ import platform
 import uuid
 from dataclasses import asdict, dataclass, field
 
+from kernels import isa_class
+
 ISA_CLASSES = ("amx", "avx512", "avx2", "default")
 # How an AVX512 host pretends to be AVX2: ATen's dispatch and Inductor's vector width.
 EMULATION_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2"}}
@@ -38,16 +40,6 @@ class HostProfile:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def isa_class(vec_isa_name: str, capabilities: dict) -> str:
-    """Map Inductor's picked vec ISA to the farm's class (AMX is AVX512 plus tiles)."""
-    name = vec_isa_name.lower()
-    if name.startswith("avx512"):
-        return "amx" if capabilities.get("amx_tile") and capabilities.get("amx_bf16") else "avx512"
-    if name.startswith("avx2"):
-        return "avx2"
-    return "default"
 
 
 def _cache_bytes(level: int) -> int:

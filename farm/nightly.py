@@ -163,7 +163,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from .aggregate import aggregate
+    from .aggregate import aggregate, table_paths
     from .report import write_report
     from .sweep import connected, execute
 
@@ -196,13 +196,14 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
         result = aggregate(records, torch_version(), template_hash()) if records else None
         new_tables = result.tables if result else {}
         changes, checks, written = {}, [], {}
-        for isa_threads in sorted(set(shipped) | set(new_tables)):
+        paths = table_paths(os.path.join(out, "tables"), set(shipped) | set(new_tables))
+        for isa_threads in sorted(paths):
             measured_keys = {tuple(sorted(e["key"].items())) for e in new_tables.get(isa_threads, {}).get("entries", [])}
             merged = merge(shipped.get(isa_threads), new_tables.get(isa_threads), measured_keys)
             if merged is None:
                 continue
             isa, threads = isa_threads
-            path = os.path.join(out, "tables", f"{isa}.yaml" if sum(1 for i, _ in set(shipped) | set(new_tables) if i == isa) == 1 else f"{isa}-t{threads}.yaml")
+            path = paths[isa_threads]
             dump(merged, path)
             written[f"{isa}/{threads}"] = path
             old = shipped.get(isa_threads, {"entries": []})

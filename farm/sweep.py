@@ -7,7 +7,6 @@ The same code runs as `farm sweep` (embedded local cluster when no address is gi
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -195,19 +194,16 @@ def write_tables(store: Store, spec: Spec, out: str) -> dict:
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from .aggregate import aggregate
+    from .aggregate import aggregate, table_paths
 
     records = spec_records(store, spec)
     if not records:
         return {}
     result = aggregate(records, torch_version(), template_hash())
-    written = {}
-    for (isa, threads), doc in result.tables.items():
-        name = f"{isa}.yaml" if sum(1 for i, _ in result.tables if i == isa) == 1 else f"{isa}-t{threads}.yaml"
-        path = os.path.join(out, name)
-        doc["sweep"] = spec.name
-        dump(doc, path)
-        written[(isa, threads)] = path
+    written = table_paths(out, result.tables)
+    for key, path in written.items():
+        result.tables[key]["sweep"] = spec.name
+        dump(result.tables[key], path)
     return written
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,7 +18,7 @@ def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | N
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from .aggregate import aggregate
+    from .aggregate import aggregate, table_paths
     from .store import read_records
 
     if not paths and not store:
@@ -30,16 +29,9 @@ def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | N
     result = aggregate(records, torch_version(), template_hash(), prefer_weights=prefer_weights)
     if not result.tables:
         raise UserError(f"aggregate: all {len(records)} records are stale (other torch or template source)")
-    written = {}
-    threads_per_isa: dict[str, int] = {}
-    for (isa, threads) in result.tables:
-        threads_per_isa[isa] = threads_per_isa.get(isa, 0) + 1
-    for (isa, threads), doc in result.tables.items():
-        # <isa>.yaml as the design says; a second thread count of one ISA gets its own name.
-        name = f"{isa}.yaml" if threads_per_isa[isa] == 1 else f"{isa}-t{threads}.yaml"
-        path = os.path.join(out, name)
-        dump(doc, path)
-        written[(isa, threads)] = path
+    written = table_paths(out, result.tables)
+    for key, path in written.items():
+        dump(result.tables[key], path)
     for line in result.skipped:
         print(f"skipped: {line}")
     if result.stale:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 ENV_VAR = "KERNEL_FARM_TABLE"
 TABLES_DIR = os.path.join(os.path.dirname(__file__), "tables")
 
-__all__ = ["install", "uninstall", "installed", "InstallResult", "KernelFarmWarning", "ENV_VAR", "shipped_table"]
+__all__ = ["install", "uninstall", "installed", "isa_class", "host_isa", "InstallResult", "KernelFarmWarning", "ENV_VAR", "shipped_table"]
 
 
 class KernelFarmWarning(UserWarning):
@@ -56,16 +56,20 @@ _lock = threading.Lock()
 _saved_pre_pass: list = []
 
 
+def isa_class(vec_isa_name: str, capabilities: dict) -> str:
+    """Map the vec ISA Inductor picks to the farm's class (AMX is AVX512 plus tiles)."""
+    name = vec_isa_name.lower()
+    if name.startswith("avx512"):
+        return "amx" if capabilities.get("amx_tile") and capabilities.get("amx_bf16") else "avx512"
+    return "avx2" if name.startswith("avx2") else "default"
+
+
 def host_isa() -> str:
     """The ISA class Inductor picks in this process (amx, avx512, avx2, default)."""
     import torch
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    name = str(pick_vec_isa() or "").lower()
-    caps = torch.cpu.get_capabilities()
-    if name.startswith("avx512"):
-        return "amx" if caps.get("amx_tile") and caps.get("amx_bf16") else "avx512"
-    return "avx2" if name.startswith("avx2") else "default"
+    return isa_class(str(pick_vec_isa() or ""), torch.cpu.get_capabilities())
 
 
 def shipped_table(isa: str | None = None) -> str:

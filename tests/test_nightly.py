@@ -38,6 +38,16 @@ def first_night(cluster, tmp_path_factory):
     return base, result
 
 
+def _shipped_copy(base, name, edit):
+    """The first night's tables in `base/name`, with `edit(avx512 document)` applied."""
+    shipped = base / name
+    shutil.copytree(base / "n1" / "tables", shipped)
+    doc = yaml.safe_load(open(shipped / "avx512.yaml"))
+    edit(doc)
+    yaml.safe_dump(doc, open(shipped / "avx512.yaml", "w"), sort_keys=False)
+    return shipped
+
+
 def _tables(folder):
     return {name: yaml.safe_load(open(os.path.join(folder, name))) for name in os.listdir(folder)}
 
@@ -61,11 +71,7 @@ def test_second_night_in_a_row_measures_nothing_and_reports_no_change(first_nigh
 @pytest.mark.slow
 def test_a_stale_row_is_remeasured_and_the_rest_are_not(first_night, cluster):
     base, _ = first_night
-    shipped = base / "stale"
-    shutil.copytree(base / "n1" / "tables", shipped)
-    doc = yaml.safe_load(open(shipped / "avx512.yaml"))
-    doc["entries"][0]["provenance"]["torch"] = "2.12.0+cpu"
-    yaml.safe_dump(doc, open(shipped / "avx512.yaml", "w"), sort_keys=False)
+    shipped = _shipped_copy(base, "stale", lambda doc: doc["entries"][0]["provenance"].update(torch="2.12.0+cpu"))
     result = run(spec_doc=SPEC, tables_dir=str(shipped), out=str(base / "n3"), address=cluster["address"],
                  store_path=str(base / "history.db"))
     measured = [s for s in result.selections if s.measure]
@@ -77,12 +83,11 @@ def test_a_stale_row_is_remeasured_and_the_rest_are_not(first_night, cluster):
 @pytest.mark.slow
 def test_a_slow_shipped_winner_is_a_significant_regression_with_its_exit_code(first_night, cluster):
     base, _ = first_night
-    shipped = base / "slowed"
-    shutil.copytree(base / "n1" / "tables", shipped)
-    doc = yaml.safe_load(open(shipped / "avx512.yaml"))
-    entry = next(e for e in doc["entries"] if e["key"]["m"] == 32)
-    entry["winner"], entry["remeasure"] = SLOW_KNOBS, True  # shipped: slow knobs, the fast time
-    yaml.safe_dump(doc, open(shipped / "avx512.yaml", "w"), sort_keys=False)
+    def slow_down(doc):
+        entry = next(e for e in doc["entries"] if e["key"]["m"] == 32)
+        entry["winner"], entry["remeasure"] = SLOW_KNOBS, True  # shipped: slow knobs, the fast time
+
+    shipped = _shipped_copy(base, "slowed", slow_down)
     result = run(spec_doc=SPEC, tables_dir=str(shipped), out=str(base / "n4"), address=cluster["address"],
                  store_path=str(base / "history.db"))
     check = next(c for c in result.shipped_checks if c["winner"] == SLOW_KNOBS)
