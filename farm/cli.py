@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .errors import UserError
+from farm.errors import UserError
 
 
 def _add_problem_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from .host import apply_emulation, profile
+    from farm.measure.host import apply_emulation, profile
 
     apply_emulation(None)
     prof = profile().as_dict()
@@ -38,11 +38,11 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from .host import profile
-    from .measure import measure
-    from .problem import Problem
-    from .protocol import Protocol
-    from .render import print_record
+    from farm.measure.host import profile
+    from farm.measure.manager import measure
+    from farm.measure.problem import Problem
+    from farm.measure.protocol import Protocol
+    from farm.render import print_record
 
     threads = args.threads or profile().cores
     group = args.group_size if args.group_size is not None else (128 if args.op == "int4" else None)
@@ -77,9 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the record as one JSON object")
     p.set_defaults(fn=cmd_measure)
 
-    from . import bench, nightly, node, sweep, tables_cli  # each module adds its own subcommands
+    # each stage's command module adds its own subcommands
+    from farm.bench import ops as bench_commands
+    from farm.cluster import node
+    from farm.nightly import driver as nightly_driver
+    from farm.sweep import driver as sweep_driver
+    from farm.tables import commands as table_commands
 
-    for module in (tables_cli, sweep, node, nightly, bench):
+    for module in (table_commands, sweep_driver, node, nightly_driver, bench_commands):
         module.register(sub)
     return parser
 

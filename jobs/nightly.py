@@ -10,7 +10,7 @@ Exit codes: 0 nothing significant, 10 significant regressions, 20 failures, 2 ba
 import sys
 
 from farm.cli import run_entry_point
-from farm.nightly import add_arguments, main_args
+from farm.nightly.driver import add_arguments, main_args
 
 
 def main(argv: list[str] | None = None) -> int:

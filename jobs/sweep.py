@@ -6,7 +6,7 @@ Under `ray job submit` the driver runs on the cluster, so the address defaults t
 import sys
 
 from farm.cli import run_entry_point
-from farm.sweep import add_arguments, main_args
+from farm.sweep.driver import add_arguments, main_args
 
 
 def _on_the_cluster(args) -> None:

@@ -6,7 +6,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from farm.protocol import Protocol  # noqa: E402
+from farm.measure.protocol import Protocol  # noqa: E402
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 from kernels.provenance import template_hash, torch_version
 
-from farm.aggregate import aggregate
-from farm.diff import compare_entries, diff_tables
+from farm.tables.aggregate import aggregate
+from farm.tables.diff import compare_entries, diff_tables
 from tablekit import noisy, record
 
 

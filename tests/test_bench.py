@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from farm.bench import VARIANTS, bench_problem, summarize
-from farm.compiled import TOLERANCE
-from farm.problem import Problem
-from farm.protocol import Protocol
+from farm.bench.ops import VARIANTS, bench_problem, summarize
+from farm.measure.compiled import TOLERANCE
+from farm.measure.problem import Problem
+from farm.measure.protocol import Protocol
 from tablekit import entry, table_doc
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def test_bench_model_cli_tiny_block(table):
 
 
 def test_bench_roofline_reports_bandwidth_peak_and_efficiencies(table):
-    from farm.roofline import roofline
+    from farm.bench.roofline import roofline
 
     report = roofline(table)
     assert report["bandwidth_gbs"] > 0.5 and report["peak_bf16_gflops"] > 1

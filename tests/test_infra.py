@@ -1,4 +1,4 @@
-"""The cluster definitions in infra/ and `farm worker`: labels that follow farm.node's contract."""
+"""The cluster definitions in infra/ and `farm worker`: labels that follow farm.cluster.node's contract."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import yaml
 
 from farm import cli
 from farm.errors import UserError
-from farm.host import native_isa
-from farm.node import (NODE_ISAS, NODE_LABELS, RAY_ENV, detect_labels, labels_for, ray_env,
+from farm.measure.host import native_isa
+from farm.cluster.node import (NODE_ISAS, NODE_LABELS, RAY_ENV, detect_labels, labels_for, ray_env,
                        ray_start_command)
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
@@ -114,7 +114,7 @@ def test_kuberay_manifest_has_one_labelled_group_per_isa_class():
     assert sorted(classes) == sorted(NODE_ISAS)
 
 
-# --- farm.node -----------------------------------------------------------------------------------
+# --- farm.cluster.node -----------------------------------------------------------------------------------
 
 
 def test_labels_for_follows_the_contract():
@@ -185,7 +185,7 @@ def test_farm_worker_dry_run_prints_ray_start_with_this_hosts_labels(capsys):
 
 @pytest.mark.skipif(native_isa() not in ("avx512", "amx"), reason="emulating AVX2 needs an AVX512 host")
 def test_farm_worker_dry_run_avx2_emulated_command_line():
-    """Through the installed `farm` entry point: `worker` registers itself from farm.node."""
+    """Through the installed `farm` entry point: `worker` registers itself from farm.cluster.node."""
     farm = Path(sys.executable).parent / "farm"
     if not farm.exists():
         pytest.skip("the `farm` entry point is not installed in this environment")

@@ -1,4 +1,4 @@
-"""farm.localcluster: a real head + labelled workers on this machine, stopped without `ray stop`."""
+"""farm.cluster.localcluster: a real head + labelled workers on this machine, stopped without `ray stop`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import tempfile
 
 import pytest
 
-from farm import localcluster
+from farm.cluster import localcluster
 from farm.errors import UserError
-from farm.host import native_isa
-from farm.node import RAY_ENV
+from farm.measure.host import native_isa
+from farm.cluster.node import RAY_ENV
 
 
 @pytest.fixture

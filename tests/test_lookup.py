@@ -10,8 +10,8 @@ from torch._dynamo.utils import counters
 from torch._inductor import config
 
 import kernels
-from farm.compiled import _run_and_get_code, kernel_summary
-from farm.problem import Problem, make_operands
+from farm.measure.compiled import _run_and_get_code, kernel_summary
+from farm.measure.problem import Problem, make_operands
 from kernels import lowering
 from tablekit import entry, table_doc
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from farm.compiled import TOLERANCE
-from farm.measure import measure
-from farm.problem import Problem
-from farm.record import validate_record
+from farm.measure.compiled import TOLERANCE
+from farm.measure.manager import measure
+from farm.measure.problem import Problem
+from farm.measure.record import validate_record
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,8 @@ def test_knobs_reach_the_generated_kernel_and_every_callable_runs_its_own(monkey
     import torch
     from torch._inductor import config
 
-    from farm.compiled import compile_candidate, graphs_compiled
-    from farm.problem import make_operands
+    from farm.measure.compiled import compile_candidate, graphs_compiled
+    from farm.measure.problem import make_operands
     from kernels import lowering
     from kernels.candidates import parse
 
@@ -123,8 +123,8 @@ def test_the_dynamo_sharing_trap_is_real_and_fresh_code_objects_avoid_it():
     import torch
     from torch._inductor import config
 
-    from farm.compiled import fresh_module
-    from farm.problem import make_operands
+    from farm.measure.compiled import fresh_module
+    from farm.measure.problem import make_operands
     from kernels import lowering
     from kernels.candidates import parse
 

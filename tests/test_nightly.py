@@ -8,9 +8,9 @@ import shutil
 import pytest
 import yaml
 
-from farm.localcluster import local_cluster
-from farm.nightly import EXIT_FAILURE, EXIT_OK, EXIT_REGRESSION, run
-from farm.report import read_plot_data
+from farm.cluster.localcluster import local_cluster
+from farm.nightly.driver import EXIT_FAILURE, EXIT_OK, EXIT_REGRESSION, run
+from farm.nightly.report import read_plot_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOW_KNOBS = "cpp[tf=1,1,2;cb=1,1,1]"  # K split over threads, one register block per cache block
@@ -101,7 +101,7 @@ def test_report_plots_show_the_tables_speedups(first_night):
     base, _ = first_night
     new = _tables(base / "n1" / "tables")["avx512.yaml"]
     data = read_plot_data(str(base / "n1" / "plots" / "avx512-t2-speedup.png"))
-    from farm.diff import key_text
+    from farm.tables.diff import key_text
 
     expected = {key_text(e["key"]): round(e["speedup_vs_aten"], 4) for e in new["entries"]}
     assert dict(zip(data["keys"], data["new"])) == expected
@@ -124,7 +124,7 @@ def test_no_live_worker_for_a_class_is_a_failure_exit(cluster, tmp_path):
 def test_ci_workflow_parses_and_calls_an_entry_point_with_arguments_it_accepts():
     import argparse
 
-    from farm.nightly import add_arguments
+    from farm.nightly.driver import add_arguments
 
     workflow = yaml.safe_load(open(os.path.join(ROOT, "infra", "github", "nightly.yml")))
     triggers = workflow[True] if True in workflow else workflow["on"]  # YAML 1.1 reads `on` as true

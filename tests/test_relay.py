@@ -3,7 +3,7 @@
 import contextlib
 import io
 
-from farm.relay import pack, unpack
+from farm.cluster.relay import pack, unpack
 
 
 def test_a_folder_packed_into_a_log_unpacks_with_the_exit_code(tmp_path):

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from farm.errors import UserError
-from farm.localcluster import local_cluster
-from farm.spec import parse_spec
-from farm.store import Store
-from farm.sweep import run
+from farm.cluster.localcluster import local_cluster
+from farm.sweep.spec import parse_spec
+from farm.measure.store import Store
+from farm.sweep.driver import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -121,7 +121,7 @@ def test_a_worker_node_killed_mid_sweep_loses_and_duplicates_nothing(tmp_path):
     import ray
     from ray.util.state import list_tasks
 
-    from farm.localcluster import status
+    from farm.cluster.localcluster import status
 
     state_dir = tempfile.mkdtemp(prefix="fk-", dir="/tmp")  # short: Ray's socket paths have a length limit
     spec = _spec(isa=["avx512"], problems=[dict(TINY["problems"][0], m=[1, 8, 32, 64])])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-from .diff import key_text, summary
-from .store import Store
+from farm.tables.diff import key_text, summary
+from farm.measure.store import Store
 
 PLOT_DATA_KEY = "kernel-farm-data"
 

@@ -52,7 +52,7 @@ def submit_and_fetch(dashboard: str, module: str, args: list[str], out: str, wor
 
     remote_out = f"/tmp/kernel-farm-job-{uuid.uuid4().hex[:8]}"
     command = " ".join(shlex.quote(a) for a in ["python", "-m", module, *args, "--out", remote_out])
-    entrypoint = f"{command}; rc=$?; python -m farm.relay {shlex.quote(remote_out)} $rc; exit $rc"
+    entrypoint = f"{command}; rc=$?; python -m farm.cluster.relay {shlex.quote(remote_out)} $rc; exit $rc"
     client = JobSubmissionClient(dashboard)
     job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": working_dir})
     deadline = time.time() + timeout_s

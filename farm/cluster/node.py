@@ -18,8 +18,8 @@ import shlex
 import subprocess
 import sys
 
-from .errors import UserError
-from .host import EMULATION_ENV, can_run, native_isa, runnable
+from farm.errors import UserError
+from farm.measure.host import EMULATION_ENV, can_run, native_isa, runnable
 
 NODE_LABELS = ("cpu-isa", "cpu-isa-emulated", "cpu-cores")
 NODE_ISAS = ("amx", "avx512", "avx2")

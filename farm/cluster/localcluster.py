@@ -26,8 +26,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from .errors import UserError
-from .node import NODE_ISAS, apply_driver_env, detect_labels, ray_env, ray_start_command
+from farm.errors import UserError
+from farm.cluster.node import NODE_ISAS, apply_driver_env, detect_labels, ray_env, ray_start_command
 
 DEFAULT_WORKERS = ("avx2", "native")
 STATE_FILE = "cluster.json"

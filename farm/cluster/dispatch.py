@@ -1,7 +1,7 @@
 """Placing measurement tasks on Ray nodes by ISA class (the driver's Ray side).
 
 Each task measures all candidates of one problem on one node (paired comparison), selected
-with Ray's label selector on the node's `cpu-isa` label (see farm/node.py). Ray leaves a task
+with Ray's label selector on the node's `cpu-isa` label (see farm/cluster/node.py). Ray leaves a task
 whose label no live node has pending forever, so the driver checks live nodes first.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 
-from .errors import UserError
+from farm.errors import UserError
 
 ISA_LABEL = "cpu-isa"
 # A node that dies mid-task: Ray retries on another node of the same class, this many times.
@@ -54,9 +54,9 @@ def _measure_on_node(problem: dict, isa: str, grid: str, protocol: dict, extra: 
     """Runs on a worker node: the same measurement as `farm measure`, stamped with the node."""
     import ray
 
-    from .measure import measure
-    from .problem import Problem
-    from .protocol import Protocol
+    from farm.measure.manager import measure
+    from farm.measure.problem import Problem
+    from farm.measure.protocol import Protocol
 
     ctx = ray.get_runtime_context()
     record = measure(Problem.from_dict(problem), grid=grid, protocol=Protocol.from_dict(protocol), isa=isa, extra=extra)

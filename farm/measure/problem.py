@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from kernels.candidates import DTYPES, OPS
 
-from .errors import UserError
+from farm.errors import UserError
 
 WEIGHT_MODES = ("warm", "cold")
 # Sizes beyond these are typos, not LLM layers (the largest public FFN dims are ~10^5).

@@ -11,9 +11,9 @@ import datetime as dt
 from kernels.candidates import AA_CONTROL, ATEN
 from kernels.provenance import template_hash, torch_version
 
-from . import stats
-from .problem import Problem
-from .protocol import Protocol
+from farm.measure import stats
+from farm.measure.problem import Problem
+from farm.measure.protocol import Protocol
 
 RECORD_SCHEMA_VERSION = 1
 STATUSES = ("ok", "compile_error", "crash", "timeout", "wrong_result", "unsupported")

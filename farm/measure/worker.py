@@ -1,10 +1,10 @@
 """The measuring process: compiles every candidate of one problem, checks, times, reports.
 
-Started by farm.measure in a fresh interpreter (so ATen's ISA can be chosen by environment
+Started by farm.measure.manager in a fresh interpreter (so ATen's ISA can be chosen by environment
 and a crash or hang costs only this process). It only measures and writes JSON-lines events
 to the file descriptor it was given; the manager decides everything else.
 
-    python -m farm.worker JOB.json EVENT_FD
+    python -m farm.measure.worker JOB.json EVENT_FD
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def run(job: dict, emit) -> None:
 
     from kernels.candidates import ATEN, parse
 
-    from . import faults
-    from .compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error
-    from .host import apply_emulation, profile
-    from .problem import Problem, make_operands
-    from .protocol import Protocol
-    from .timing import make_flush, run_rounds
+    from farm.measure import faults
+    from farm.measure.compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error
+    from farm.measure.host import apply_emulation, profile
+    from farm.measure.problem import Problem, make_operands
+    from farm.measure.protocol import Protocol
+    from farm.measure.timing import make_flush, run_rounds
 
     problem = Problem.from_dict(job["problem"])
     protocol = Protocol.from_dict(job["protocol"])

@@ -19,7 +19,7 @@ import torch
 from kernels import lowering
 from kernels.candidates import Candidate
 
-from .problem import Operands, Problem
+from farm.measure.problem import Operands, Problem
 
 _CALLS = {
     "int8": "torch._weight_int8pack_mm(x, self.weight, self.scales)",

@@ -14,7 +14,7 @@ import sqlite3
 import uuid
 from contextlib import closing
 
-from .errors import UserError
+from farm.errors import UserError
 
 STORE_VERSION = 1
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table as RichTable
 
-from .errors import UserError
+from farm.errors import UserError
 
 
 def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | None = None,
@@ -18,8 +18,8 @@ def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | N
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from .aggregate import aggregate, table_paths
-    from .store import read_records
+    from farm.tables.aggregate import aggregate, table_paths
+    from farm.measure.store import read_records
 
     if not paths and not store:
         raise UserError("aggregate: give record files and/or --store")
@@ -107,7 +107,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             print(f"{path}: " + ("ok" if not problems else "NOT usable here:\n  " + "\n  ".join(problems)))
             status = status or (1 if problems else 0)
         return status
-    from .diff import diff_tables, summary
+    from farm.tables.diff import diff_tables, summary
 
     if len(args.paths) != 2:
         raise UserError("table diff: give exactly two tables, OLD and NEW")

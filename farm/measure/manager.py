@@ -1,6 +1,6 @@
 """Measure every candidate of one problem on this host: the manager side.
 
-The manager starts a worker process (farm.worker), reads its events, and turns a crash or a
+The manager starts a worker process (farm.measure.worker), reads its events, and turns a crash or a
 hang into that candidate's status: it kills the worker, records the culprit and starts a new
 worker for the candidates still owed a measurement. Timing is paired, so only samples of the
 final worker's rounds are used.
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 from kernels.candidates import AA_CONTROL, ATEN, CandidateError, parse, small_m_int8_path, space
 
-from . import faults as fault_mod
-from .errors import UserError
-from .host import EMULATION_ENV, ISA_CLASSES, can_run, native_isa, runnable
-from .problem import Problem, validate
-from .protocol import Protocol
-from .record import build_record
+from farm.measure import faults as fault_mod
+from farm.errors import UserError
+from farm.measure.host import EMULATION_ENV, ISA_CLASSES, can_run, native_isa, runnable
+from farm.measure.problem import Problem, validate
+from farm.measure.protocol import Protocol
+from farm.measure.record import build_record
 
 FAILED = ("compile_error", "crash", "timeout", "wrong_result", "unsupported")
 
@@ -96,7 +96,7 @@ def _run_worker(job: dict, workdir: str, timeout_s: float, log_path: str) -> Att
     start = time.perf_counter()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "farm.worker", job_path, str(write_fd)],
+            [sys.executable, "-m", "farm.measure.worker", job_path, str(write_fd)],
             pass_fds=(write_fd,), env=_worker_env(job.get("isa"), job["problem"]["threads"]),
             stdout=log, stderr=log, start_new_session=True,
         )
@@ -176,7 +176,7 @@ def check_isa(isa: str | None) -> None:
 def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = None, isa: str | None = None,
             only: list[str] | None = None, faults: list[str] | None = None, workdir: str | None = None,
             extra: list[str] | None = None) -> dict:
-    """Measure all candidates of `problem`; returns the record (see farm.record)."""
+    """Measure all candidates of `problem`; returns the record (see farm.measure.record)."""
     protocol = protocol or Protocol()
     validate(problem)
     check_isa(isa)

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 from rich.console import Console
 
-from .diff import DEFAULT_MIN_CHANGE, Change, diff_tables, summary
-from .errors import UserError
-from .spec import Spec, Task, load_spec, parse_spec
-from .store import Store, host_name
+from farm.tables.diff import DEFAULT_MIN_CHANGE, Change, diff_tables, summary
+from farm.errors import UserError
+from farm.sweep.spec import Spec, Task, load_spec, parse_spec
+from farm.measure.store import Store, host_name
 
 EXIT_OK, EXIT_REGRESSION, EXIT_FAILURE = 0, 10, 20
 DEFAULT_MAX_AGE_DAYS = 30.0
@@ -163,9 +163,9 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from .aggregate import aggregate, table_paths
-    from .report import write_report
-    from .sweep import connected, execute
+    from farm.tables.aggregate import aggregate, table_paths
+    from farm.nightly.report import write_report
+    from farm.sweep.driver import connected, execute
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
@@ -253,7 +253,7 @@ def _forwarded(args) -> list[str]:
 
 def main_args(args) -> int:
     if args.address and args.address.startswith(("http://", "https://")):
-        from .relay import submit_and_fetch
+        from farm.cluster.relay import submit_and_fetch
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return submit_and_fetch(args.address, "jobs.nightly", _forwarded(args), args.out, root)

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from . import stats
-from .compiled import graphs_compiled
-from .protocol import Protocol
-from .render import emit
-from .timing import run_rounds
+from farm.measure import stats
+from farm.measure.compiled import graphs_compiled
+from farm.measure.protocol import Protocol
+from farm.render import emit
+from farm.measure.timing import run_rounds
 
 MODELS = {
     "llama-block": {"name": "Llama-3.2-1B", "hidden": 2048, "heads": 32, "kv_heads": 8, "head_dim": 64, "inter": 8192},

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from kernels.candidates import AA_CONTROL, ATEN, parse
 from kernels.table import TABLE_SCHEMA
 
-from . import stats
-from .store import host_name
+from farm.measure import stats
+from farm.measure.store import host_name
 
 # A neighbour M bucket may borrow this entry's winner when it loses at most 3% against its
 # own winner there: about the A/A noise measured on these hosts (2-5%).

@@ -8,8 +8,8 @@ from typing import Callable
 
 from kernels.candidates import AA_CONTROL, ATEN
 
-from . import stats
-from .protocol import Protocol
+from farm.measure import stats
+from farm.measure.protocol import Protocol
 
 Emit = Callable[..., None]
 

@@ -24,14 +24,14 @@ from rich.table import Table
 
 from kernels.candidates import AA_CONTROL, parse, space
 
-from . import stats
-from .compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_candidate, fresh_module,
+from farm.measure import stats
+from farm.measure.compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_candidate, fresh_module,
                        graphs_compiled, relative_error)
-from .errors import UserError
-from .problem import Problem, make_operands, validate
-from .protocol import Protocol
-from .render import emit
-from .timing import run_rounds
+from farm.errors import UserError
+from farm.measure.problem import Problem, make_operands, validate
+from farm.measure.protocol import Protocol
+from farm.render import emit
+from farm.measure.timing import run_rounds
 
 VARIANTS = ("default", "max-autotune", "table")
 
@@ -101,8 +101,8 @@ def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: 
             lowering.unregister()
         if relative_error(c.output, reference) <= TOLERANCE[problem.dtype]:
             fns[cand.id] = c.fn
-    from .host import profile
-    from .timing import make_flush
+    from farm.measure.host import profile
+    from farm.measure.timing import make_flush
 
     flush = make_flush(profile().l3_bytes) if problem.weights == "cold" else None
     before = graphs_compiled()
@@ -170,7 +170,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _problems_from(shapes: str | None, threads: int, limit: int | None) -> list[Problem]:
-    from .spec import load_spec
+    from farm.sweep.spec import load_spec
 
     if shapes is None:
         return [Problem("int8", "bf16", 32, 4096, 4096, threads=threads)]
@@ -220,7 +220,7 @@ def register(sub) -> None:
     k.add_argument("--limit", type=int, default=None, help="bench only the first N problems")
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_kernels)
-    from . import bench_model, roofline
+    from farm.bench import model as bench_model, roofline
 
     bench_model.register(bench_sub)
     roofline.register(bench_sub)

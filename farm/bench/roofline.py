@@ -57,7 +57,7 @@ def roofline(table_path: str | None = None) -> dict:
     import yaml
 
     import kernels
-    from farm.host import profile
+    from farm.measure.host import profile
 
     host = profile()
     torch.set_num_threads(host.cores)
@@ -91,7 +91,7 @@ def render(report: dict, console: Console) -> None:
 
 
 def cmd_roofline(args) -> int:
-    from .render import emit
+    from farm.render import emit
 
     emit(roofline(args.table), args.json, render)
     return 0

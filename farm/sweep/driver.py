@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import dispatch
-from .node import apply_driver_env
-from .errors import UserError
-from .spec import Spec, Task, load_spec, parse_spec
-from .store import Store, host_name
+from farm.cluster import dispatch
+from farm.cluster.node import apply_driver_env
+from farm.errors import UserError
+from farm.sweep.spec import Spec, Task, load_spec, parse_spec
+from farm.measure.store import Store, host_name
 
 
 @dataclass
@@ -48,7 +48,7 @@ def connected(address: str | None, isas: list[str]):
         finally:
             ray.shutdown()
         return
-    from .localcluster import local_cluster
+    from farm.cluster.localcluster import local_cluster
 
     workers = tuple(dict.fromkeys("native" if isa != "avx2" or _native_is_avx2() else "avx2" for isa in isas))
     with local_cluster(workers=workers) as info:
@@ -60,7 +60,7 @@ def connected(address: str | None, isas: list[str]):
 
 
 def _native_is_avx2() -> bool:
-    from .host import native_isa
+    from farm.measure.host import native_isa
 
     return native_isa() == "avx2"
 
@@ -194,7 +194,7 @@ def write_tables(store: Store, spec: Spec, out: str) -> dict:
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from .aggregate import aggregate, table_paths
+    from farm.tables.aggregate import aggregate, table_paths
 
     records = spec_records(store, spec)
     if not records:

@@ -7,7 +7,7 @@
     weights: [cold]              # warm and/or cold
     timeout_s: 300               # per candidate, without progress
     worker_memory_gb: 8          # what one measurement may use on a worker
-    protocol: {min_rounds: 11}   # farm.protocol.Protocol fields
+    protocol: {min_rounds: 11}   # farm.measure.protocol.Protocol fields
     problems:
       - model: Llama-3.2-1B      # a name for the report
         layers: {q_proj: [2048, 2048], down_proj: [2048, 8192]}   # name: [N, K]
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from kernels.candidates import DTYPES, GRIDS, OPS, space as candidate_space
 
-from .errors import UserError
-from .host import ISA_CLASSES
-from .problem import WEIGHT_MODES, Problem, validate
-from .protocol import Protocol
+from farm.errors import UserError
+from farm.measure.host import ISA_CLASSES
+from farm.measure.problem import WEIGHT_MODES, Problem, validate
+from farm.measure.protocol import Protocol
 
 TOP_LEVEL = {"name", "isa", "threads", "space", "weights", "timeout_s", "worker_memory_gb", "protocol", "problems", "description"}
 PROBLEM_FIELDS = {"model", "layers", "ops", "dtypes", "m", "group_size", "weights", "isa"}
@@ -44,7 +44,7 @@ class Task:
 
     @property
     def key(self) -> str:
-        from .store import problem_key
+        from farm.measure.store import problem_key
 
         return problem_key(self.problem.as_dict())
 
@@ -80,7 +80,7 @@ def _choice(items: list, allowed, where: str) -> list:
 
 def _memory_bytes(p: Problem, candidates: int) -> int:
     """What one measurement holds: eager and per-candidate packed weights, activations, outputs,
-    and the cold-weight flush buffer (at most 1 GiB, see farm.timing.make_flush)."""
+    and the cold-weight flush buffer (at most 1 GiB, see farm.measure.timing.make_flush)."""
     weights = p.weight_bytes * (candidates + 1)
     act = p.m * p.k * 4 + p.m * p.n * 4 * (candidates + 1)
     return weights + act + ((1 << 30) if p.weights == "cold" else 0)
