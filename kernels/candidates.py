@@ -5,6 +5,8 @@ A candidate is one lowering choice with its knobs, named by a stable id:
     aten                              ATen's extern kernel (Inductor's default)
     dq                                int8 only: dequantize the weight to the activation dtype
                                       once per call, then a dense GEMM (oneDNN); pays at prefill
+    dq[fp32]                          the same with the GEMM in fp32 (or dq[bf16], dq[fp16]):
+                                      bf16 GEMMs crawl on hosts without bf16 instructions (AVX2)
     aten~aa                           ATen compiled a second time: the A/A noise control
     cpp                               Inductor's C++ GEMM template, its own blocking heuristic
     cpp[tf=2,1,1;cb=1,16,64;ks=1]     the template with explicit knobs (any subset of them)
@@ -28,6 +30,8 @@ OPS = ("int8", "int4")
 DTYPES = ("bf16", "fp16", "fp32")
 ATEN = "aten"
 DEQUANT = "dq"
+# GEMM dtypes of dq; None = the activation dtype.
+GEMM_DTYPES = ("fp32", "bf16", "fp16")
 AA_CONTROL = "aten~aa"
 
 # Bounds every knob must respect before it reaches generated C++ (tables are data).
@@ -72,13 +76,14 @@ class Candidate:
     kind: str  # "aten" or "cpp"
     knobs: Knobs = field(default_factory=Knobs)
     control: bool = False  # the A/A control: a second, separately compiled ATen
+    gemm_dtype: str | None = None  # dq only: the dense GEMM's dtype (None: the activation's)
 
     @property
     def id(self) -> str:
         if self.kind == ATEN:
             return AA_CONTROL if self.control else ATEN
         if self.kind == DEQUANT:
-            return DEQUANT
+            return DEQUANT + (f"[{self.gemm_dtype}]" if self.gemm_dtype else "")
         parts = []
         if self.knobs.thread_factors:
             parts.append("tf=" + ",".join(map(str, self.knobs.thread_factors)))
@@ -93,6 +98,7 @@ class Candidate:
 
 
 _ID_RE = re.compile(r"^cpp(?:\[(?P<body>[^\]]*)\])?$")
+_DQ_RE = re.compile(r"^dq\[(?P<dtype>[^\]]*)\]$")
 
 
 def _triple(name: str, text: str, cand_id: str) -> tuple[int, int, int]:
@@ -115,9 +121,15 @@ def parse(cand_id: str) -> Candidate:
         return Candidate(ATEN, control=True)
     if cand_id == DEQUANT:
         return Candidate(DEQUANT)
+    dq = _DQ_RE.match(cand_id)
+    if dq:
+        if dq.group("dtype") not in GEMM_DTYPES:
+            raise CandidateError(f"{cand_id!r}: unknown GEMM dtype {dq.group('dtype')!r} "
+                                 f"(expected one of {', '.join(GEMM_DTYPES)})")
+        return Candidate(DEQUANT, gemm_dtype=dq.group("dtype"))
     match = _ID_RE.match(cand_id)
     if not match:
-        raise CandidateError(f"unknown candidate id {cand_id!r} (expected aten, cpp or cpp[...])")
+        raise CandidateError(f"unknown candidate id {cand_id!r} (expected aten, dq, dq[...], cpp or cpp[...])")
     tf = cb = ks = None
     body = match.group("body")
     for part in filter(None, (body or "").split(";")):
@@ -185,7 +197,9 @@ def space(threads: int, grid: str = "pruned", op: str | None = None) -> list[Can
         blockings = [None, *itertools.product(EXHAUSTIVE_MC, EXHAUSTIVE_NC, EXHAUSTIVE_KC)]
         knobbed = [Knobs(tf, cb) for tf in factors for cb in blockings]
         knobbed += [Knobs(cache_blocking=cb, k_slices=ks) for cb in blockings for ks in EXHAUSTIVE_K_SLICES]
-    extra = [Candidate(DEQUANT)] if op in (None, "int8") else []
+    # dq in the activation dtype and in fp32: which GEMM dtype wins is a property of the host
+    # (bf16 GEMMs need AVX512-BF16 or AMX to be fast), so every host measures both.
+    extra = [Candidate(DEQUANT), Candidate(DEQUANT, gemm_dtype="fp32")] if op in (None, "int8") else []
     return base + extra + [Candidate("cpp", k) for k in knobbed if not k.is_default()]
 
 

@@ -20,6 +20,11 @@ import torch
 from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_GEMM_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+# dq's dense weight lives for one call; 1 GiB holds an fp32 4096x65536 weight (every projection
+# of the 7-8B models the farm sweeps) and keeps a mis-set table from allocating an lm_head-sized
+# temporary per token. Overridable with KERNEL_FARM_DQ_MAX_BYTES.
+DQ_MAX_BYTES = 1 << 30
 OP_TARGETS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}
 
 
@@ -200,7 +205,10 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
         return original(input, weight, scale, layout=layout)
 
     if candidate.kind == DEQUANT:
-        return _dequant_mm(input, weight, scale)
+        too_big = _dequant_too_big(candidate, input.get_dtype(), int(n), int(k))
+        if too_big:
+            return _fallback_or_raise(key, candidate, too_big, original, (input, weight, scale), {"layout": layout})
+        return _dequant_mm(input, weight, scale, candidate.gemm_dtype)
     choices: list = []
     if candidate.kind == ATEN:
         choices.append(aten__weight_int8pack_mm.bind((mat1, mat2, scale), out_layout))
@@ -218,17 +226,45 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
     return _first(autotune_select_algorithm("_weight_int8pack_mm", choices, [mat1, mat2, scale], out_layout))
 
 
-def _dequant_mm(input, weight, scale):
-    """x @ dequant(w).T * scale: the int8 weight converted to the activation dtype in each call
-    (a pointwise kernel), then a dense GEMM through ATen/oneDNN, never autotuned."""
+def dequant_temp_bytes(gemm_dtype: torch.dtype, n: int, k: int) -> int:
+    """Bytes of the dense weight that dq materialises in each call."""
+    return n * k * gemm_dtype.itemsize
+
+
+def dequant_max_bytes() -> int:
+    """The largest per-call dense weight dq may allocate (KERNEL_FARM_DQ_MAX_BYTES)."""
+    import os
+
+    raw = os.environ.get("KERNEL_FARM_DQ_MAX_BYTES", "")
+    return int(raw) if raw.isdigit() else DQ_MAX_BYTES
+
+
+def _dequant_too_big(candidate: Candidate, act_dtype: torch.dtype, n: int, k: int) -> str | None:
+    gemm = _GEMM_DTYPES[candidate.gemm_dtype] if candidate.gemm_dtype else act_dtype
+    size, limit = dequant_temp_bytes(gemm, n, k), dequant_max_bytes()
+    if size > limit:
+        return f"its dense {n}x{k} weight needs {size} bytes per call, over the {limit} byte bound (KERNEL_FARM_DQ_MAX_BYTES)"
+    return None
+
+
+def _dequant_mm(input, weight, scale, gemm_dtype: str | None):
+    """x @ dequant(w).T * scale: the int8 weight converted to the GEMM dtype in each call
+    (a pointwise kernel), then a dense GEMM through ATen/oneDNN (never autotuned), the scale
+    applied in the GEMM dtype and the result cast back to the activation dtype."""
     from torch._inductor import config
     from torch._inductor.lowering import lowerings
 
     aten = torch.ops.aten
+    convert = lowerings[torch.ops.prims.convert_element_type.default]
+    act = input.get_dtype()
+    gemm = _GEMM_DTYPES[gemm_dtype] if gemm_dtype else act
     with config.patch(max_autotune=False, max_autotune_gemm=False):
-        dense = lowerings[torch.ops.prims.convert_element_type.default](weight, input.get_dtype())
-        out = lowerings[aten.mm.default](input, lowerings[aten.permute.default](dense, [1, 0]))
-        return lowerings[aten.mul.Tensor](out, scale)
+        dense = convert(weight, gemm)
+        x = input if gemm == act else convert(input, gemm)
+        out = lowerings[aten.mm.default](x, lowerings[aten.permute.default](dense, [1, 0]))
+        if gemm == act:
+            return lowerings[aten.mul.Tensor](out, scale)
+        return convert(lowerings[aten.mul.Tensor](out, convert(scale, gemm)), act)
 
 
 def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
