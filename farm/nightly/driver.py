@@ -255,7 +255,9 @@ def main_args(args) -> int:
     if args.address and args.address.startswith(("http://", "https://")):
         from farm.cluster.relay import submit_and_fetch
 
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        import farm
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(farm.__file__)))  # the checkout that holds farm/
         return submit_and_fetch(args.address, "jobs.nightly", _forwarded(args), args.out, root)
     result = run(args.spec, tables_dir=args.tables, out=args.out, address=args.address, store_path=args.store,
                  max_age_days=args.max_age_days, remeasure=set(args.remeasure), min_change=args.min_change,
