@@ -14,13 +14,18 @@ import yaml
 
 from farm.errors import UserError
 from farm.cluster.localcluster import local_cluster
+from farm.measure.host import native_isa, runnable
 from farm.sweep.spec import parse_spec
 from farm.measure.store import Store
 from farm.sweep.driver import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test runs on every x86 host class, with the host's own class as the label.
+NATIVE = native_isa()
+SERVED = runnable(NATIVE)  # AVX512/AMX: itself + emulated avx2; AVX2: avx2
+MISSING = next(isa for isa in ("amx", "avx512") if isa not in SERVED)  # a class this machine cannot serve
 TINY = {
-    "name": "tiny", "isa": ["avx512", "avx2"], "threads": [2], "space": "minimal", "weights": ["warm"],
+    "name": "tiny", "isa": SERVED, "threads": [2], "space": "minimal", "weights": ["warm"],
     "timeout_s": 120, "worker_memory_gb": 2,
     "protocol": {"min_rounds": 3, "max_rounds": 5, "extra_rounds_step": 2, "batch_s": 0.002, "warmup_s": 0.01},
     "problems": [{"model": "t", "layers": {"p": [256, 256]}, "ops": ["int8"], "dtypes": ["bf16"], "m": [1, 32]}],
@@ -35,27 +40,37 @@ def _spec(**changes):
 
 @pytest.fixture(scope="module")
 def mixed_cluster(tmp_path_factory):
-    with local_cluster(workers=("avx2", "native"), state_dir=str(tmp_path_factory.mktemp("cl"))) as info:
+    # One node per class this host serves: avx2 (emulated on AVX512/AMX) + native, or native alone.
+    workers = tuple(isa for isa in SERVED if isa != NATIVE) + ("native",)
+    with local_cluster(workers=workers, state_dir=str(tmp_path_factory.mktemp("cl"))) as info:
         yield info
 
 
+def test_the_smoke_spec_resolves_to_this_hosts_classes():
+    spec = parse_spec(yaml.safe_load(open(os.path.join(ROOT, "jobs", "sweeps", "smoke.yaml"))))
+    assert spec.isa == SERVED == ({"avx2": ["avx2"], "avx512": ["avx512", "avx2"], "amx": ["amx", "avx2"]}[NATIVE])
+    assert {t.isa for t in spec.tasks} == set(SERVED)
+    named = parse_spec(_spec(isa=["host", "avx2"]))  # host next to a class it includes: no duplicate
+    assert named.isa == SERVED
+
+
 @pytest.mark.slow
-def test_smoke_sized_sweep_places_every_task_on_its_class_and_writes_both_tables(mixed_cluster, tmp_path):
+def test_smoke_sized_sweep_places_every_task_on_its_class_and_writes_every_table(mixed_cluster, tmp_path):
     store_path = str(tmp_path / "r.db")
     result = run(spec_doc=_spec(), address=mixed_cluster["address"], store_path=store_path, out=str(tmp_path / "t"))
-    assert result.failed == [] and result.measured == 4
+    assert result.failed == [] and result.measured == 2 * len(SERVED) and result.skipped_classes == {}
     records = Store(store_path).records(result.run_id)
-    assert sorted((r["host"]["isa"], r["problem"]["m"]) for r in records) == [
-        ("avx2", 1), ("avx2", 32), ("avx512", 1), ("avx512", 32)]
+    assert sorted((r["host"]["isa"], r["problem"]["m"]) for r in records) == sorted(
+        (isa, m) for isa in SERVED for m in (1, 32))
     for r in records:
-        assert r["host"]["emulated"] is (r["host"]["isa"] == "avx2")
-        assert r["node"]["aten_env"] == ("avx2" if r["host"]["isa"] == "avx2" else None)
-    assert set(result.tables) == {("avx2", 2), ("avx512", 2)}
+        assert r["host"]["emulated"] is (r["host"]["isa"] != NATIVE)
+        assert r["node"]["aten_env"] == ("avx2" if r["host"]["emulated"] else None)
+    assert set(result.tables) == {(isa, 2) for isa in SERVED}
     for path in result.tables.values():
         assert os.path.exists(path)
     # A second sweep finds every row fresh and measures nothing.
     again = run(spec_doc=_spec(), address=mixed_cluster["address"], store_path=store_path, out=str(tmp_path / "t"))
-    assert again.measured == 0 and again.skipped_fresh == 4
+    assert again.measured == 0 and again.skipped_fresh == 2 * len(SERVED)
 
 
 @pytest.mark.slow
@@ -81,7 +96,7 @@ def test_sweep_through_the_jobs_api(mixed_cluster, tmp_path):
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_measures_only_what_is_missing(mixed_cluster, tmp_path):
     spec_path = tmp_path / "resume.yaml"
-    spec_path.write_text(yaml.safe_dump(_spec(problems=[dict(TINY["problems"][0], m=[2, 4, 16])], isa=["avx512"])))
+    spec_path.write_text(yaml.safe_dump(_spec(problems=[dict(TINY["problems"][0], m=[2, 4, 16])], isa=[NATIVE])))
     store_path = str(tmp_path / "resume.db")
     driver = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(spec_path), "--address",
                                mixed_cluster["address"], "--store", store_path, "--out", str(tmp_path / "t")],
@@ -124,7 +139,7 @@ def test_a_worker_node_killed_mid_sweep_loses_and_duplicates_nothing(tmp_path):
     from farm.cluster.localcluster import status
 
     state_dir = tempfile.mkdtemp(prefix="fk-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    spec = _spec(isa=["avx512"], problems=[dict(TINY["problems"][0], m=[1, 8, 32, 64])])
+    spec = _spec(isa=[NATIVE], problems=[dict(TINY["problems"][0], m=[1, 8, 32, 64])])
     store_path = str(tmp_path / "kill.db")
     with local_cluster(workers=("native", "native"), state_dir=state_dir) as info:
         outcome = {}
@@ -188,6 +203,30 @@ def test_bad_specs_fail_before_scheduling_naming_the_field(name, tmp_path):
 @pytest.mark.slow
 def test_a_class_with_no_live_node_is_an_immediate_error(mixed_cluster, tmp_path):
     start = time.time()
-    with pytest.raises(UserError, match="no live Ray node for ISA class\\(es\\) amx"):
-        run(spec_doc=_spec(isa=["amx"]), address=mixed_cluster["address"], store_path=str(tmp_path / "a.db"), out=None)
+    with pytest.raises(UserError, match=f"no live Ray node for ISA class\\(es\\) {MISSING} .*--skip-missing"):
+        run(spec_doc=_spec(isa=[MISSING]), address=mixed_cluster["address"], store_path=str(tmp_path / "a.db"), out=None)
     assert time.time() - start < 30
+    assert Store(str(tmp_path / "a.db")).records() == []
+
+
+@pytest.mark.slow
+def test_skip_missing_measures_the_served_classes_and_names_the_skipped_one(mixed_cluster, tmp_path, capsys):
+    spec = _spec(isa=[NATIVE, MISSING], problems=[dict(TINY["problems"][0], m=[4])])
+    result = run(spec_doc=spec, address=mixed_cluster["address"], store_path=str(tmp_path / "s.db"),
+                 out=str(tmp_path / "t"), skip_missing=True)
+    assert result.skipped_classes == {MISSING: 1} and result.measured == 1 and result.failed == []
+    assert set(result.tables) == {(NATIVE, 2)}
+
+
+@pytest.mark.slow
+def test_embedded_mode_skips_what_this_host_cannot_serve_with_one_notice_and_ends_in_tables(tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    spec = _spec(isa=[NATIVE, MISSING], problems=[dict(TINY["problems"][0], m=[4])])
+    result = run(spec_doc=spec, address=None, store_path=str(tmp_path / "e.db"), out=str(tmp_path / "t"),
+                 console=console)
+    assert result.skipped_classes == {MISSING: 1} and result.measured == 1 and result.failed == []
+    assert set(result.tables) == {(NATIVE, 2)} and os.path.exists(result.tables[(NATIVE, 2)])
+    notices = [line for line in console.export_text().splitlines() if "skipping ISA class" in line]
+    assert len(notices) == 1 and MISSING in notices[0]

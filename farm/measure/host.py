@@ -17,6 +17,10 @@ ISA_CLASSES = ("amx", "avx512", "avx2", "default")
 # How an AVX512 host pretends to be AVX2: ATen's dispatch and Inductor's vector width.
 EMULATION_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2"}}
 EMULATION_SIMDLEN = {"avx2": 256}
+# Why an emulated class refuses library-GEMM candidates (kernels.candidates.LIBRARY_GEMM_KINDS).
+EMULATION_BLIND_SPOT = ("emulation restricts ATen's kernels and Inductor's generated code, not the library GEMM "
+                        "(oneDNN / BLAS) this candidate calls: that picks its ISA from CPUID, so an emulated "
+                        "class would time the host's own ISA")
 
 
 @dataclass

@@ -18,11 +18,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from kernels.candidates import AA_CONTROL, ATEN, CandidateError, parse, small_m_int8_path, space
+from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateError, parse, small_m_int8_path, space
 
 from farm.measure import faults as fault_mod
 from farm.errors import UserError
-from farm.measure.host import EMULATION_ENV, ISA_CLASSES, can_run, native_isa, runnable
+from farm.measure.host import EMULATION_BLIND_SPOT, EMULATION_ENV, ISA_CLASSES, can_run, native_isa, runnable
 from farm.measure.problem import Problem, validate
 from farm.measure.protocol import Protocol
 from farm.measure.record import build_record
@@ -59,9 +59,13 @@ def candidate_ids(problem: Problem, grid: str = "pruned", only: list[str] | None
     return ids + [c for c in dict.fromkeys(extra or []) if c not in ids]
 
 
-def _pre_unsupported(problem: Problem, ids: list[str]) -> dict[str, dict]:
+def _pre_unsupported(problem: Problem, ids: list[str], isa: str | None = None) -> dict[str, dict]:
     """Candidates known to be meaningless before compiling (reported, not dropped)."""
     out = {}
+    if isa is not None and isa != native_isa():
+        for cid in ids:
+            if not fault_mod.kind_of(cid) and parse(cid).kind in LIBRARY_GEMM_KINDS:
+                out[cid] = {"status": "unsupported", "error": f"emulated {isa}: {EMULATION_BLIND_SPOT}", "compile_s": None}
     if small_m_int8_path(problem.op, problem.dtype, problem.m):
         for cid in ids:
             if cid.startswith("cpp["):
@@ -181,7 +185,7 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
     validate(problem)
     check_isa(isa)
     ids = candidate_ids(problem, grid, only, extra) + [fault_mod.fault_id(kind) for kind in faults or []]
-    final: dict[str, dict] = _pre_unsupported(problem, ids)
+    final: dict[str, dict] = _pre_unsupported(problem, ids, isa)
     owed = [cid for cid in ids if cid not in final]
     workdir = workdir or tempfile.mkdtemp(prefix="farm-measure-")
     attempts: list[Attempt] = []

@@ -23,7 +23,9 @@ from farm.errors import UserError
 from farm.sweep.spec import Spec, Task, load_spec, parse_spec
 from farm.measure.store import Store, host_name
 
-EXIT_OK, EXIT_REGRESSION, EXIT_FAILURE = 0, 10, 20
+# 30: nothing worse happened, but ISA classes were skipped (no node serves them); diff.json and
+# the summary line name them, so a partial night is never mistaken for a green one.
+EXIT_OK, EXIT_REGRESSION, EXIT_FAILURE, EXIT_SKIPPED = 0, 10, 20, 30
 DEFAULT_MAX_AGE_DAYS = 30.0
 
 
@@ -48,6 +50,7 @@ class NightlyResult:
     failures: list[str]
     wall_s: float
     tables: dict[str, str] = field(default_factory=dict)
+    skipped_classes: dict[str, int] = field(default_factory=dict)  # ISA class -> rows not measured
 
 
 def _entry_key(task: Task) -> dict:
@@ -146,26 +149,30 @@ def merge(old: dict | None, new: dict | None, measured_keys: set[tuple]) -> dict
     return merged
 
 
-def exit_code(changes: dict[str, list[Change]], checks: list[dict], failures: list[str]) -> int:
+def exit_code(changes: dict[str, list[Change]], checks: list[dict], failures: list[str],
+              skipped_classes: dict[str, int] | None = None) -> int:
     kinds = {c.kind for cs in changes.values() for c in cs} | {c["kind"] for c in checks}
     if failures or "new_failure" in kinds:
         return EXIT_FAILURE
     if "regression" in kinds:
         return EXIT_REGRESSION
+    if skipped_classes:
+        return EXIT_SKIPPED
     return EXIT_OK
 
 
 def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_dir: str = "kernels/tables",
         out: str = "nightly", address: str | None = None, store_path: str | None = None,
         max_age_days: float = DEFAULT_MAX_AGE_DAYS, remeasure: set[str] | None = None,
-        min_change: float = DEFAULT_MIN_CHANGE, history: int = 14, console: Console | None = None) -> NightlyResult:
+        min_change: float = DEFAULT_MIN_CHANGE, history: int = 14, console: Console | None = None,
+        skip_missing: bool = False) -> NightlyResult:
     """The whole nightly; returns what happened (exit_code for CI)."""
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
     from farm.tables.aggregate import aggregate, table_paths
     from farm.nightly.report import write_report
-    from farm.sweep.driver import connected, execute
+    from farm.sweep.driver import connected, drop_unserved, execute
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
@@ -183,10 +190,15 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
                          reason=chosen[(t.isa, t.key)].reason) for t in spec.tasks if (t.isa, t.key) in chosen]
         console.print(f"nightly: {len(tasks)} of {len(spec.tasks)} rows to measure")
         records: list[dict] = []
+        skipped_classes: dict[str, int] = {}
+        if tasks and address is None:  # an embedded cluster serves this host's classes only
+            tasks, skipped_classes = drop_unserved(tasks, None, skip_missing, console)
         if tasks:
             run_id = store.start_run("nightly", spec.raw, note=json.dumps([asdict(s) for s in selections if s.measure]))
             try:
                 with connected(address, sorted({t.isa for t in tasks})):
+                    if address is not None:
+                        tasks, skipped_classes = drop_unserved(tasks, address, skip_missing, console)
                     _, task_failures, _ = execute(tasks, spec, store, run_id, None, console)
                 failures += task_failures
             except UserError as exc:  # e.g. an ISA class with no live worker: a failure CI must see
@@ -214,10 +226,11 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
                 entry = _find(shipped.get(isa_threads), {k: record["problem"][k] for k in ("op", "dtype", "m", "n", "k", "group_size")})
                 if entry is not None:
                     checks.append({"isa": isa, **shipped_check(entry, record, min_change)})
-        code = exit_code(changes, checks, failures)
-        nightly = NightlyResult(code, run_id, out, selections, changes, checks, failures, time.perf_counter() - start, written)
+        code = exit_code(changes, checks, failures, skipped_classes)
+        nightly = NightlyResult(code, run_id, out, selections, changes, checks, failures, time.perf_counter() - start,
+                                written, skipped_classes)
         with open(os.path.join(out, "diff.json"), "w") as f:
-            json.dump({"exit_code": code, "run_id": run_id, "failures": failures,
+            json.dump({"exit_code": code, "run_id": run_id, "failures": failures, "skipped_classes": skipped_classes,
                        "summary": {k: summary(v) for k, v in changes.items()},
                        "changes": {k: [c.as_dict() for c in v if c.kind != "unchanged"] for k, v in changes.items()},
                        "shipped_checks": checks, "selection": [asdict(s) for s in selections]}, f, indent=1)
@@ -238,6 +251,8 @@ def add_arguments(p) -> None:
     p.add_argument("--remeasure", action="append", default=[], help="problem key (or ISA:key) to re-measure; repeatable")
     p.add_argument("--min-change", type=float, default=DEFAULT_MIN_CHANGE, help="smallest relative change that counts")
     p.add_argument("--history", type=int, default=14, help="nights shown in the trend")
+    p.add_argument("--skip-missing", action="store_true", help="with --address: skip ISA classes no live node "
+                   "serves (exit 30 when nothing worse happened) instead of failing")
 
 
 def _forwarded(args) -> list[str]:
@@ -248,6 +263,8 @@ def _forwarded(args) -> list[str]:
         out += ["--store", args.store]
     for key in args.remeasure:
         out += ["--remeasure", key]
+    if args.skip_missing:
+        out.append("--skip-missing")
     return out
 
 
@@ -255,15 +272,15 @@ def main_args(args) -> int:
     if args.address and args.address.startswith(("http://", "https://")):
         from farm.cluster.relay import submit_and_fetch
 
-        import farm
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(farm.__file__)))  # the checkout that holds farm/
+        here = os.path.abspath(__file__)  # <checkout>/farm/nightly/driver.py
+        root = os.path.dirname(os.path.dirname(os.path.dirname(here)))
         return submit_and_fetch(args.address, "jobs.nightly", _forwarded(args), args.out, root)
     result = run(args.spec, tables_dir=args.tables, out=args.out, address=args.address, store_path=args.store,
                  max_age_days=args.max_age_days, remeasure=set(args.remeasure), min_change=args.min_change,
-                 history=args.history)
+                 history=args.history, skip_missing=args.skip_missing)
     console = Console(stderr=True)
-    label = {EXIT_OK: "nothing significant", EXIT_REGRESSION: "significant regressions", EXIT_FAILURE: "failures"}
+    label = {EXIT_OK: "nothing significant", EXIT_REGRESSION: "significant regressions", EXIT_FAILURE: "failures",
+             EXIT_SKIPPED: "ISA classes skipped: " + ", ".join(sorted(result.skipped_classes))}
     console.print(f"nightly: {label[result.exit_code]} (exit {result.exit_code}); report {os.path.join(result.out, 'report.md')}; "
                   f"wall {result.wall_s:.1f} s")
     for line in result.failures:

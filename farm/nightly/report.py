@@ -101,11 +101,14 @@ def _fmt_ratio(r) -> str:
 def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: int) -> str:
     """report.md in result.out; returns its path."""
     lines = ["# kernel-farm nightly", "",
-             f"Exit code **{result.exit_code}** (0 nothing significant, 10 regressions, 20 failures). "
+             f"Exit code **{result.exit_code}** (0 nothing significant, 10 regressions, 20 failures, 30 ISA classes skipped). "
              f"Run `{result.run_id or 'none: nothing to measure'}`, wall {result.wall_s:.0f} s. "
              f"Raw rows: store `{store.path}`, `diff.json`.", ""]
     if result.failures:
         lines += ["## Failures", ""] + [f"- {f}" for f in result.failures] + [""]
+    if result.skipped_classes:
+        lines += ["## ISA classes skipped (no node serves them)", ""]
+        lines += [f"- {isa}: {n} rows not measured" for isa, n in sorted(result.skipped_classes.items())] + [""]
     measured = [s for s in result.selections if s.measure]
     lines += ["## What was re-measured and why", "",
               f"{len(measured)} of {len(result.selections)} rows were re-measured; the rest were fresh.", ""]

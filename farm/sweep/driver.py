@@ -31,6 +31,7 @@ class SweepResult:
     tables: dict = field(default_factory=dict)
     wall_s: float = 0.0
     overhead: "Overhead | None" = None
+    skipped_classes: dict[str, int] = field(default_factory=dict)  # ISA class -> tasks not measured
 
 
 
@@ -57,6 +58,37 @@ def connected(address: str | None, isas: list[str]):
             yield
         finally:
             ray.shutdown()
+
+
+def served_classes(address: str | None) -> tuple[list[str], str]:
+    """(ISA classes this run can measure, who serves them). Embedded: this host's own class and
+    what it can emulate; on a cluster (call while connected): the classes of live labelled nodes."""
+    if address is None:
+        from farm.measure.host import native_isa, runnable
+
+        native = native_isa()
+        return runnable(native), f"this {native} host (an embedded cluster serves its own class and the classes it can emulate)"
+    return sorted(dispatch.nodes_by_isa(dispatch.live_nodes())), f"the cluster at {address}"
+
+
+def drop_unserved(tasks: list[Task], address: str | None, skip_missing: bool,
+                  console: Console) -> tuple[list[Task], dict[str, int]]:
+    """Tasks whose class nobody serves: skipped with one notice (embedded mode, or a cluster with
+    --skip-missing), else an error before any work is scheduled."""
+    served, who = served_classes(address)
+    skipped: dict[str, int] = {}
+    for task in tasks:
+        if task.isa not in served:
+            skipped[task.isa] = skipped.get(task.isa, 0) + 1
+    if not skipped:
+        return tasks, {}
+    what = ", ".join(f"{isa} ({n} task{'s' if n > 1 else ''})" for isa, n in sorted(skipped.items()))
+    if address is not None and not skip_missing:
+        raise UserError(f"no live Ray node for ISA class(es) {', '.join(sorted(skipped))} on {who} "
+                        f"(it serves: {', '.join(served) or 'none'}); start one with `farm worker --isa ...`, "
+                        f"or pass --skip-missing to measure the other classes")
+    console.print(f"[yellow]skipping ISA class(es) {what}: {who} serves only {', '.join(served) or 'none'}[/yellow]")
+    return [t for t in tasks if t.isa in served], skipped
 
 
 def _native_is_avx2() -> bool:
@@ -146,7 +178,8 @@ class Overhead:
 
 def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: str | None = None,
         store_path: str = "results.db", out: str | None = "tables", resume: str | None = None, force: bool = False,
-        max_in_flight: int | None = None, kind: str = "sweep", console: Console | None = None) -> SweepResult:
+        max_in_flight: int | None = None, kind: str = "sweep", console: Console | None = None,
+        skip_missing: bool = False) -> SweepResult:
     """Run (or resume) a sweep and write its tables. Validates everything before any work."""
     console = console or Console(stderr=True)
     start = time.perf_counter()
@@ -165,10 +198,14 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: 
         run_id = run_id or store.start_run(kind, spec.raw)
         console.print(f"run {run_id}: {len(todo)} to measure, {skipped_fresh} fresh in the store, "
                       f"{skipped_done} already done in this run")
-        measured, failed, overhead = 0, [], Overhead()
+        measured, failed, overhead, skipped_classes = 0, [], Overhead(), {}
+        if todo and address is None:  # before starting nodes that could not serve them
+            todo, skipped_classes = drop_unserved(todo, None, skip_missing, console)
         if todo:
             try:
                 with connected(address, sorted({t.isa for t in todo})):
+                    if address is not None:
+                        todo, skipped_classes = drop_unserved(todo, address, skip_missing, console)
                     measured, failed, overhead = execute(todo, spec, store, run_id, max_in_flight, console)
             except BaseException:
                 store.end_run(run_id, "failed")  # what was stored stays; --resume finishes it
@@ -179,7 +216,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, address: 
     finally:
         store.close()
     return SweepResult(run_id, store_path, measured, skipped_fresh, skipped_done, failed, tables,
-                       time.perf_counter() - start, overhead)
+                       time.perf_counter() - start, overhead, skipped_classes)
 
 
 def spec_records(store: Store, spec: Spec) -> list[dict]:
@@ -216,18 +253,22 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", default=None, metavar="RUN", help="finish run RUN: measure only what it is missing")
     p.add_argument("--force", action="store_true", help="re-measure rows that are fresh in the store")
     p.add_argument("--max-in-flight", type=int, default=None, help="concurrent tasks (default: one per host)")
+    p.add_argument("--skip-missing", action="store_true", help="with --address: skip ISA classes no live node serves "
+                   "(default: fail at once); an embedded cluster always skips what this host cannot serve")
 
 
 def main_args(args) -> int:
     if not args.spec and not args.resume:
         raise UserError("sweep: give a spec file or --resume RUN")
     result = run(args.spec, address=args.address, store_path=args.store, out=args.out, resume=args.resume,
-                 force=args.force, max_in_flight=args.max_in_flight)
+                 force=args.force, max_in_flight=args.max_in_flight, skip_missing=args.skip_missing)
     console = Console(stderr=True)
     console.print(f"run {result.run_id}: measured {result.measured}, fresh skipped {result.skipped_fresh}, "
                   f"failed {len(result.failed)}; wall {result.wall_s:.1f} s; {result.overhead.line()}")
     for line in result.failed:
         console.print(f"  failed: {line}")
+    for isa, count in sorted(result.skipped_classes.items()):
+        console.print(f"  skipped: {isa} ({count} tasks, no node of that class)")
     for (isa, threads), path in result.tables.items():
         console.print(f"  table {path} ({isa}, {threads} threads)")
     return 1 if result.failed else 0

@@ -1,7 +1,9 @@
 """Sweep specs (YAML under jobs/sweeps/): parsed and validated in full before anything runs.
 
     name: llm
-    isa: [avx512, avx2]          # target ISA classes (avx2 may be emulated on AVX512 nodes)
+    isa: [avx512, avx2]          # target ISA classes (avx2 may be emulated on AVX512 nodes),
+                                 # or `host`: the classes this machine serves (its own, and
+                                 # AVX2 emulated when it is AVX512 or AMX)
     threads: [2]                 # thread counts (default: [2])
     space: pruned                # or exhaustive
     weights: [cold]              # warm and/or cold
@@ -28,6 +30,7 @@ from farm.measure.host import ISA_CLASSES
 from farm.measure.problem import WEIGHT_MODES, Problem, validate
 from farm.measure.protocol import Protocol
 
+HOST = "host"  # stands for the classes the machine parsing the spec can serve
 TOP_LEVEL = {"name", "isa", "threads", "space", "weights", "timeout_s", "worker_memory_gb", "protocol", "problems", "description"}
 PROBLEM_FIELDS = {"model", "layers", "ops", "dtypes", "m", "group_size", "weights", "isa"}
 
@@ -98,6 +101,15 @@ def _layers(entry: dict, where: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def _resolve_host(isas: list[str]) -> list[str]:
+    """`host` -> this machine's own class and the classes it can emulate (nothing else)."""
+    if HOST not in isas:
+        return isas
+    from farm.measure.host import native_isa, runnable
+
+    return list(dict.fromkeys(i for item in isas for i in (runnable(native_isa()) if item == HOST else [item])))
+
+
 def parse_spec(doc, source: str = "spec") -> Spec:
     if not isinstance(doc, dict):
         raise UserError(f"{source}: expected a mapping at the top level")
@@ -107,7 +119,8 @@ def parse_spec(doc, source: str = "spec") -> Spec:
     name = doc.get("name")
     if not isinstance(name, str) or not name:
         raise UserError(f"{source}.name: must be a non-empty string")
-    isas = _choice(_list(doc.get("isa", ["avx512"]), f"{source}.isa", str), ISA_CLASSES, f"{source}.isa")
+    isas = _resolve_host(_list(doc.get("isa", ["avx512"]), f"{source}.isa", str))
+    _choice(isas, (*ISA_CLASSES, HOST), f"{source}.isa")
     threads = _list(doc.get("threads", [2]), f"{source}.threads", int)
     for t in threads:
         if not 1 <= t <= 1024:
@@ -141,7 +154,8 @@ def parse_spec(doc, source: str = "spec") -> Spec:
             raise UserError(f"{where}.m: missing (the M buckets to measure)")
         group = entry.get("group_size")
         entry_weights = _choice(_list(entry.get("weights", weights), f"{where}.weights", str), WEIGHT_MODES, f"{where}.weights")
-        entry_isas = _choice(_list(entry.get("isa", isas), f"{where}.isa", str), isas, f"{where}.isa (must be among the spec's isa)")
+        entry_isas = _resolve_host(_list(entry.get("isa", isas), f"{where}.isa", str))
+        _choice(entry_isas, isas, f"{where}.isa (must be among the spec's isa)")
         if "int4" in ops and group is None:
             raise UserError(f"{where}.group_size: int4 needs a group size")
         for layer, n, k in _layers(entry, where):

@@ -12,7 +12,7 @@ import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from kernels.candidates import AA_CONTROL, ATEN, parse
+from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateError, parse
 from kernels.table import TABLE_SCHEMA
 
 from farm.measure import stats
@@ -51,6 +51,17 @@ def _host_name(record: dict) -> str:
     return host_name(record["host"])
 
 
+def emulation_blind(record: dict, cand_id: str) -> bool:
+    """A candidate measured on an emulated class whose kernel is a library GEMM that picks its
+    own ISA: its timing is the host's real ISA, not the class's (see LIBRARY_GEMM_KINDS)."""
+    if not record["host"].get("emulated"):
+        return False
+    try:
+        return parse(cand_id).kind in LIBRARY_GEMM_KINDS
+    except CandidateError:
+        return False
+
+
 def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
     """Pool the records of one key (one per host or run) candidate by candidate."""
     out: dict[str, Combined] = {}
@@ -60,9 +71,10 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
         aten = next((c for c in record["candidates"] if c["id"] == ATEN and c["status"] == "ok"), None)
         for cand in record["candidates"]:
             entry = out.setdefault(cand["id"], Combined(cand["id"], ok=True))
-            if cand["status"] != "ok" or aten is None:
+            if cand["status"] != "ok" or aten is None or emulation_blind(record, cand["id"]):
                 entry.ok = False
-                entry.errors.append(f"{_host_name(record)}: {cand['status']}")
+                status = "emulation_blind" if cand["status"] == "ok" and aten is not None else cand["status"]
+                entry.errors.append(f"{_host_name(record)}: {status}")
                 continue
             speedups = stats.paired_speedups(aten["samples_us"], cand["samples_us"])
             pooled[cand["id"]] += speedups
@@ -205,6 +217,36 @@ class AggregateResult:
     tables: dict[tuple[str, int], dict]
     stale: int
     skipped: list[str]
+    # emulated rows of library-GEMM candidates that looked ok: excluded, never winners
+    emulation_blind: list[str] = field(default_factory=list)
+    # keys measured both natively and emulated: {"isa", "threads", "key", "native", "emulated", "agree"}
+    agreement: list[dict] = field(default_factory=list)
+
+
+def _prefer_native(records: list[dict]) -> list[dict]:
+    """A native measurement of a key replaces emulated ones of the same class."""
+    native = [r for r in records if not r["host"].get("emulated")]
+    return native or records
+
+
+def _winner(key: tuple, records: list[dict], prefer_weights: str, resamples: int) -> str | None:
+    try:
+        chosen = _choose_weights(records, prefer_weights)
+        return decide(combine(chosen, resamples), noise_band(chosen))[0].id
+    except ValueError:
+        return None
+
+
+def emulation_agreement(by_key: dict[tuple, list[dict]], prefer_weights: str, resamples: int) -> list[dict]:
+    """For keys measured natively and emulated: does the emulated winner match the native one?"""
+    out = []
+    for key, records in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        native = [r for r in records if not r["host"].get("emulated")]
+        emulated = [r for r in records if r["host"].get("emulated")]
+        if native and emulated:
+            a, b = _winner(key, native, prefer_weights, resamples), _winner(key, emulated, prefer_weights, resamples)
+            out.append({"key": key, "native": a, "emulated": b, "agree": a == b})
+    return out
 
 
 def aggregate(records: list[dict], torch_version: str, template_hash: str, prefer_weights: str = "cold",
@@ -214,11 +256,14 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
     groups: dict[tuple[str, int], dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in fresh:
         groups[(record["host"]["isa"], record["problem"]["threads"])][problem_key(record["problem"])].append(record)
-    tables, skipped = {}, []
+    tables, skipped, blind, agreement = {}, [], [], []
     for (isa, threads), by_key in sorted(groups.items()):
+        agreement += [{"isa": isa, "threads": threads, **row} for row in emulation_agreement(by_key, prefer_weights, resamples)]
         entries, combined, hosts = [], {}, {}
         for key in sorted(by_key, key=lambda k: tuple((v is None, v) for v in k)):
-            chosen = _choose_weights(by_key[key], prefer_weights)
+            chosen = _choose_weights(_prefer_native(by_key[key]), prefer_weights)
+            blind += sorted({f"{isa}/{threads}t {key}: {c['id']} (emulated on {_host_name(r)})" for r in chosen
+                             for c in r["candidates"] if c["status"] == "ok" and emulation_blind(r, c["id"])})
             try:
                 entry, combined[key] = _entry(key, chosen, resamples)
             except ValueError as exc:
@@ -243,4 +288,4 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
                        "dynamic_m": "the winner when every M bucket agrees and it needs no static blocking, else Inductor"},
             "entries": entries,
         }
-    return AggregateResult(tables, len(records) - len(fresh), skipped)
+    return AggregateResult(tables, len(records) - len(fresh), skipped, blind, agreement)

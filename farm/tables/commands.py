@@ -34,6 +34,14 @@ def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | N
         dump(result.tables[key], path)
     for line in result.skipped:
         print(f"skipped: {line}")
+    for line in result.emulation_blind:
+        print(f"excluded (emulation cannot restrict its library GEMM): {line}")
+    if result.agreement:
+        agree = sum(row["agree"] for row in result.agreement)
+        print(f"emulated vs native winners on the same keys: {agree} of {len(result.agreement)} agree")
+        for row in result.agreement:
+            if not row["agree"]:
+                print(f"  {row['isa']}/{row['threads']}t {row['key']}: native {row['native']}, emulated {row['emulated']}")
     if result.stale:
         print(f"left out {result.stale} stale record(s)")
     return written
