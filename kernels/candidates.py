@@ -37,6 +37,7 @@ DEQUANT = "dq"
 LIBRARY_GEMM_KINDS = (DEQUANT,)
 # GEMM dtypes of dq; None = the activation dtype.
 GEMM_DTYPES = ("fp32", "bf16", "fp16")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 AA_CONTROL = "aten~aa"
 
 # Bounds every knob must respect before it reaches generated C++ (tables are data).
@@ -206,6 +207,13 @@ def space(threads: int, grid: str = "pruned", op: str | None = None) -> list[Can
     # (bf16 GEMMs need AVX512-BF16 or AMX to be fast), so every host measures both.
     extra = [Candidate(DEQUANT), Candidate(DEQUANT, gemm_dtype="fp32")] if op in (None, "int8") else []
     return base + extra + [Candidate("cpp", k) for k in knobbed if not k.is_default()]
+
+
+def dense_temp_bytes(candidate: Candidate, act_dtype: str, n: int, k: int) -> int:
+    """Bytes of the dense N x K weight a dq candidate materialises in each call (0 for others)."""
+    if candidate.kind != DEQUANT:
+        return 0
+    return n * k * DTYPE_BYTES[candidate.gemm_dtype or act_dtype]
 
 
 def small_m_int8_path(op: str, dtype: str, m: int) -> bool:

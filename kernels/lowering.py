@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds
+from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds, dense_temp_bytes
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _GEMM_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -205,7 +205,7 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
         return original(input, weight, scale, layout=layout)
 
     if candidate.kind == DEQUANT:
-        too_big = _dequant_too_big(candidate, input.get_dtype(), int(n), int(k))
+        too_big = _dequant_too_big(candidate, key)
         if too_big:
             return _fallback_or_raise(key, candidate, too_big, original, (input, weight, scale), {"layout": layout})
         return _dequant_mm(input, weight, scale, candidate.gemm_dtype)
@@ -226,11 +226,6 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
     return _first(autotune_select_algorithm("_weight_int8pack_mm", choices, [mat1, mat2, scale], out_layout))
 
 
-def dequant_temp_bytes(gemm_dtype: torch.dtype, n: int, k: int) -> int:
-    """Bytes of the dense weight that dq materialises in each call."""
-    return n * k * gemm_dtype.itemsize
-
-
 def dequant_max_bytes() -> int:
     """The largest per-call dense weight dq may allocate (KERNEL_FARM_DQ_MAX_BYTES)."""
     import os
@@ -239,11 +234,11 @@ def dequant_max_bytes() -> int:
     return int(raw) if raw.isdigit() else DQ_MAX_BYTES
 
 
-def _dequant_too_big(candidate: Candidate, act_dtype: torch.dtype, n: int, k: int) -> str | None:
-    gemm = _GEMM_DTYPES[candidate.gemm_dtype] if candidate.gemm_dtype else act_dtype
-    size, limit = dequant_temp_bytes(gemm, n, k), dequant_max_bytes()
+def _dequant_too_big(candidate: Candidate, key: ProblemKey) -> str | None:
+    size, limit = dense_temp_bytes(candidate, key.dtype, key.n, key.k), dequant_max_bytes()
     if size > limit:
-        return f"its dense {n}x{k} weight needs {size} bytes per call, over the {limit} byte bound (KERNEL_FARM_DQ_MAX_BYTES)"
+        return (f"its dense {key.n}x{key.k} weight needs {size} bytes per call, over the {limit} byte bound "
+                "(KERNEL_FARM_DQ_MAX_BYTES)")
     return None
 
 

@@ -35,6 +35,19 @@ def test_dq_ids_round_trip_and_unknown_gemm_dtypes_are_refused():
             parse(bad)
 
 
+def test_the_dense_temporary_is_counted_in_the_gemm_dtype():
+    from farm.measure.record import build_record
+    from farm.measure.protocol import Protocol
+    from kernels.candidates import dense_temp_bytes
+
+    assert dense_temp_bytes(parse("dq[fp32]"), "bf16", 48, 64) == 48 * 64 * 4
+    assert dense_temp_bytes(parse("dq"), "bf16", 48, 64) == 48 * 64 * 2
+    assert dense_temp_bytes(parse("cpp"), "bf16", 48, 64) == 0
+    rec = build_record(None, Problem("int8", "bf16", 8, 48, 64, threads=THREADS), ["aten", "dq[fp32]"],
+                       {"aten": {"status": "ok"}, "dq[fp32]": {"status": "ok"}}, {}, {}, Protocol(), {})
+    assert {c["id"]: c["temp_bytes"] for c in rec["candidates"]} == {"aten": 0, "dq[fp32]": 48 * 64 * 4}
+
+
 def test_every_int8_grid_measures_dq_in_the_activation_dtype_and_in_fp32():
     for grid in ("minimal", "pruned", "exhaustive"):
         ids = [c.id for c in space(THREADS, grid, "int8")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from kernels.candidates import AA_CONTROL, ATEN
+from kernels.candidates import AA_CONTROL, ATEN, CandidateError, dense_temp_bytes, parse
 from kernels.provenance import template_hash, torch_version
 
 from farm.measure import stats
@@ -86,6 +86,14 @@ def _candidate_entry(cid: str, result: dict, samples: dict[str, list[float]], it
     return entry
 
 
+def _temp_bytes(cid: str, problem: Problem) -> int:
+    """Per-call temporary the candidate allocates beyond Inductor's own buffers (dq's dense weight)."""
+    try:
+        return dense_temp_bytes(parse(cid), problem.dtype, problem.n, problem.k)
+    except CandidateError:  # fault-injection ids
+        return 0
+
+
 def choose_winner(entries: list[dict], band: float) -> tuple[str | None, str | None, str]:
     """(winner, runner-up, rule). A non-default wins only beyond ATen and beyond the A/A noise."""
     ranked = sorted((e for e in entries if e["status"] == "ok" and e["speedup_vs_aten"] is not None
@@ -104,6 +112,8 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
                  samples: dict[str, list[float]], iters: dict[str, int], protocol: Protocol, worker: dict) -> dict:
     entries = [_candidate_entry(cid, final.get(cid, {"status": "crash", "error": "no result"}), samples, iters,
                                 protocol.bootstrap_resamples) for cid in ids]
+    for entry in entries:
+        entry["temp_bytes"] = _temp_bytes(entry["id"], problem)
     control = next((e for e in entries if e["id"] == AA_CONTROL and e["speedup_ci95"]), None)
     band = stats.noise_band(tuple(control["speedup_ci95"]), control["speedup_vs_aten"]) if control else 0.0
     winner, runner_up, rule = choose_winner(entries, band)
