@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from farm.measure.compiled import TOLERANCE
+from farm.measure.host import native_isa
 from farm.measure.manager import measure
 from farm.measure.problem import Problem
 from farm.measure.record import validate_record
@@ -46,8 +47,10 @@ def test_every_ok_candidate_matches_eager(op, dtype, m, group, quick_protocol):
             assert c["median_us"] > 0 and c["ci95_us"][0] <= c["median_us"] <= c["ci95_us"][1]
             assert len(c["samples_us"]) == record["protocol"]["rounds"]
     assert cands["dq"]["status"] == ("ok" if op == "int8" else "unsupported")
-    # Where Inductor has a template, the test really ran it (not ATen again).
-    if (op, dtype) in (("int8", "bf16"), ("int8", "fp32"), ("int4", "bf16")):
+    # Where Inductor has a template, the test really ran it (not ATen again). The int4 template
+    # needs AVX512 or AMX micro-kernels; on an AVX2 host it is reported unsupported.
+    with_template = {("int8", "bf16"), ("int8", "fp32")} | ({("int4", "bf16")} if native_isa() != "avx2" else set())
+    if (op, dtype) in with_template:
         assert cands["cpp"]["status"] == "ok"
         assert cands["cpp"]["kernel"]["template"] and not cands["aten"]["kernel"]["template"]
         assert cands["aten"]["kernel"]["extern_aten"] and not cands["cpp"]["kernel"]["extern_aten"]
@@ -156,10 +159,11 @@ def test_the_dynamo_sharing_trap_is_real_and_fresh_code_objects_avoid_it():
         lowering.unregister()
 
 
-def test_avx2_emulation_profile_and_int4_template_unsupported(quick_protocol):
+def test_avx2_profile_and_int4_template_unsupported(quick_protocol):
+    # Emulated on an AVX512/AMX host, native on an AVX2 one: the same profile and choices either way.
     problem = Problem("int4", "bf16", 4, 256, 256, 64, threads=2)
     record = measure(problem, protocol=quick_protocol, isa="avx2", only=["cpp"])
-    assert record["host"]["isa"] == "avx2" and record["host"]["emulated"] is True
+    assert record["host"]["isa"] == "avx2" and record["host"]["emulated"] is (native_isa() != "avx2")
     assert record["host"]["aten_capability"] == "AVX2" and record["host"]["vec_isa"].startswith("avx2")
     cands = _by_id(record)
     assert cands["aten"]["status"] == "ok"
@@ -168,6 +172,20 @@ def test_avx2_emulation_profile_and_int4_template_unsupported(quick_protocol):
 
     int8 = measure(Problem("int8", "bf16", 32, 256, 256, threads=2), protocol=quick_protocol, isa="avx2", only=["cpp"])
     assert _by_id(int8)["cpp"]["status"] == "ok"  # Inductor keeps the int8 template on AVX2
+
+
+def test_the_phase_log_says_where_a_measurements_time_went(quick_protocol, tmp_path, monkeypatch):
+    log = tmp_path / "phases.jsonl"
+    monkeypatch.setenv("FARM_PHASE_LOG", str(log))
+    measure(Problem("int8", "bf16", 2, 128, 128, threads=2), protocol=quick_protocol, only=["cpp"])
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [e["ev"] for e in events]
+    for kind in ("start", "imported", "host", "compile", "compiled", "round", "timed", "done"):
+        assert kind in kinds, kind
+    assert kinds.index("imported") < kinds.index("compile") < kinds.index("timed")
+    assert [e["cand"] for e in events if e["ev"] == "compiled"] == ["aten", "aten~aa", "cpp"]
+    assert all(e["elapsed_s"] >= 0 and e["utc"].endswith("+00:00") for e in events)
+    assert all("samples" not in e and "kernel" not in e for e in events)  # phases, not the record again
 
 
 def test_measure_json_validates_against_the_record_schema():

@@ -123,6 +123,7 @@ def _run_worker(job: dict, workdir: str, timeout_s: float, log_path: str) -> Att
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 event = json.loads(line)
+                _log_phase(event, start)
                 if event["ev"] == "done":
                     finished = True
                     break
@@ -137,6 +138,25 @@ def _run_worker(job: dict, workdir: str, timeout_s: float, log_path: str) -> Att
                 proc.wait()
     attempt.wall_s = time.perf_counter() - start
     return attempt
+
+
+# Bulky event fields that a phase log does not need.
+_PHASE_LOG_DROP = ("profile", "samples", "kernel", "decisions", "traceback")
+
+
+def _log_phase(event: dict, start: float) -> None:
+    """Append the worker's event, timestamped, to $FARM_PHASE_LOG (where the time of a slow or
+    lost measurement went: interpreter start, imports, each compile, each timing round)."""
+    path = os.environ.get("FARM_PHASE_LOG")
+    if not path:
+        return
+    import datetime as dt
+
+    line = {"utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "elapsed_s": round(time.perf_counter() - start, 3),
+            **{k: v for k, v in event.items() if k not in _PHASE_LOG_DROP}}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _apply_event(attempt: Attempt, event: dict, current: str | None) -> str | None:

@@ -49,6 +49,7 @@ def run(job: dict, emit) -> None:
     from farm.measure.protocol import Protocol
     from farm.measure.timing import make_flush, run_rounds
 
+    emit(ev="imported")  # torch and Inductor are loaded: the first phase of a cold host
     problem = Problem.from_dict(job["problem"])
     protocol = Protocol.from_dict(job["protocol"])
     apply_emulation(job.get("isa"))
