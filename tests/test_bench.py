@@ -55,6 +55,7 @@ def test_bench_roofline_reports_bandwidth_peak_and_efficiencies(table):
     from farm.bench.roofline import roofline
 
     report = roofline(table)
-    assert report["bandwidth_gbs"] > 0.5 and report["peak_bf16_gflops"] > 1
+    assert report["bandwidth_gbs"] > 0.5 and report["peak_gflops"] > 1
+    assert report["peak_gflops"] == max(report["peak_bf16_gflops"], report["peak_fp32_gflops"])
     row = report["rows"][0]
     assert row["bound"] in ("memory", "compute") and row["efficiency"] > 0
