@@ -169,12 +169,16 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def _problems_from(shapes: str | None, threads: int, limit: int | None) -> list[Problem]:
+def _problems_from(shapes: str | None, threads: int, limit: int | None, isa: str | None = None,
+                   ms: list[int] | None = None) -> list[Problem]:
+    """The spec's problems for ISA class `isa` (None: all), optionally only the M buckets `ms`."""
     from farm.sweep.spec import load_spec
 
     if shapes is None:
         return [Problem("int8", "bf16", 32, 4096, 4096, threads=threads)]
-    tasks = [t for t in load_spec(shapes).tasks]
+    tasks = [t for t in load_spec(shapes).tasks if (isa is None or t.isa == isa) and (not ms or t.problem.m in ms)]
+    if not tasks:
+        raise UserError(f"--shapes {shapes}: no problem for ISA class {isa}" + (f" with M in {ms}" if ms else ""))
     problems = list(dict.fromkeys(replace(t.problem, threads=threads) for t in tasks))
     return problems[:limit] if limit else problems
 
@@ -200,7 +204,8 @@ def cmd_kernels(args) -> int:
     table = args.table or kernels.shipped_table()
     protocol = Protocol(min_rounds=args.rounds, max_rounds=max(args.rounds, 21))
     rows = []
-    for problem in _problems_from(args.shapes, args.threads or torch.get_num_threads(), args.limit):
+    isa = None if args.isa == "all" else (args.isa or kernels.host_isa())
+    for problem in _problems_from(args.shapes, args.threads or torch.get_num_threads(), args.limit, isa, args.m):
         rows.append(bench_problem(problem, table, args.grid, protocol))
         Console(stderr=True).print(f"benched {problem.label()}")
     report = {"table": table, "rows": rows, "summary": summarize(rows)}
@@ -218,9 +223,12 @@ def register(sub) -> None:
     k.add_argument("--threads", type=int, default=None)
     k.add_argument("--rounds", type=int, default=11)
     k.add_argument("--limit", type=int, default=None, help="bench only the first N problems")
+    k.add_argument("--isa", default=None, help="bench the spec's problems of this ISA class (default: this host's; 'all')")
+    k.add_argument("--m", type=int, nargs="+", default=None, help="only these M buckets")
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_kernels)
-    from farm.bench import model as bench_model, roofline
+    from farm.bench import fuzz, model as bench_model, roofline
 
     bench_model.register(bench_sub)
     roofline.register(bench_sub)
+    fuzz.register(bench_sub)
