@@ -37,3 +37,13 @@ def torch_version() -> str:
     from importlib.metadata import version
 
     return version("torch")
+
+
+def torch_release(version: str) -> str:
+    """The release without the local build tag: 2.13.0+cpu and 2.13.0+cu130 are one release,
+    with the same Inductor sources (the template hash says whether those changed)."""
+    return version.split("+", 1)[0]
+
+
+def same_release(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and torch_release(a) == torch_release(b)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from .candidates import ATEN, Candidate, CandidateError, check_bounds, parse
+from .provenance import same_release
 
 TABLE_SCHEMA = "kernel-farm/table/1"
 # A table of every LLM shape at every M bucket is ~100 KB; 8 MB bounds what we parse.
@@ -130,7 +131,7 @@ def _parse_entry(raw, where: str, threads: int, torch_version: str | None, templ
     if not (math.isfinite(speedup) and speedup > 0):
         raise TableError(f"{where}.speedup_vs_aten: {speedup} is not a positive number")
     prov = _need(raw, "provenance", dict, where)
-    stale = (torch_version is not None and prov.get("torch") != torch_version) or (
+    stale = (torch_version is not None and not same_release(prov.get("torch"), torch_version)) or (
         template_hash is not None and prov.get("template_hash") != template_hash)
     nearest = _need(raw, "nearest_m_ok", bool, where)
     return Entry(key, candidate, nearest, stale, raw)
@@ -182,7 +183,7 @@ def incompatibilities(table: Table, isa: str, threads: int, torch_version: str, 
         problems.append(f"it is for ISA class {table.isa}, this host is {isa}")
     if table.threads != threads:
         problems.append(f"it is for {table.threads} threads, this process runs {threads}")
-    if table.header["torch"] != torch_version:
+    if not same_release(table.header["torch"], torch_version):  # the build tag (+cpu, +cu130) does not matter
         problems.append(f"it was measured with torch {table.header['torch']}, this is {torch_version}")
     if table.header["template_hash"] != template_hash:
         problems.append(f"its template source hash {table.header['template_hash']} is not this one ({template_hash}): stale")
