@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from farm.nightly import driver as nightly_driver
     from farm.sweep import driver as sweep_driver
     from farm.tables import commands as table_commands
+    from farm.zoo import commands as zoo_commands
 
-    for module in (table_commands, sweep_driver, node, nightly_driver, bench_commands):
+    for module in (table_commands, sweep_driver, node, nightly_driver, bench_commands, zoo_commands):
         module.register(sub)
     return parser
 

@@ -12,7 +12,7 @@ RANKS = {
     "kernels": 0,
     "farm.errors": 1, "farm.render": 1,
     "farm.measure": 2,
-    "farm.cluster": 3, "farm.tables": 3,
+    "farm.cluster": 3, "farm.tables": 3, "farm.zoo": 3,
     "farm.sweep": 4,
     "farm.nightly": 5,
     "farm.bench": 6,

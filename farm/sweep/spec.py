@@ -32,7 +32,7 @@ from farm.measure.protocol import Protocol
 
 HOST = "host"  # stands for the classes the machine parsing the spec can serve
 TOP_LEVEL = {"name", "isa", "threads", "space", "weights", "timeout_s", "worker_memory_gb", "protocol", "problems", "description"}
-PROBLEM_FIELDS = {"model", "layers", "ops", "dtypes", "m", "group_size", "weights", "isa"}
+PROBLEM_FIELDS = {"model", "layers", "fused", "ops", "dtypes", "m", "group_size", "weights", "isa"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,10 @@ def _memory_bytes(p: Problem, candidates: int) -> int:
 
 
 def _layers(entry: dict, where: str) -> list[tuple[str, int, int]]:
+    if "layers" not in entry and "model" in entry:  # a zoo model (or config.json) brings its own layers
+        from farm.zoo.shapes import spec_layers
+
+        return spec_layers(entry["model"], entry.get("fused", False), where)
     layers = entry.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise UserError(f"{where}.layers: must map layer names to [N, K]")

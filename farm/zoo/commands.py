@@ -1,0 +1,23 @@
+"""`farm shapes` and `farm coverage`: thin command lines over farm.zoo.shapes and farm.zoo.coverage."""
+
+from __future__ import annotations
+
+from farm.zoo import coverage, shapes
+
+
+def register(sub) -> None:
+    p = sub.add_parser("shapes", help="a zoo model's (or a local config.json's) quantized matmul problems")
+    p.add_argument("model", nargs="?", help="a zoo id (see --list) or a path to a Hugging Face config.json")
+    p.add_argument("--list", action="store_true", help="list the zoo")
+    p.add_argument("--threads", type=int, default=2)
+    shapes.add_model_args(p)
+    p.set_defaults(fn=shapes.cmd_shapes)
+
+    p = sub.add_parser("coverage", help="what a table decides for each of a model's quantized matmuls, and why")
+    p.add_argument("model", nargs="?", help="a zoo id or a path to a Hugging Face config.json")
+    p.add_argument("--all", action="store_true", help="every zoo model: coverage per model and overall")
+    p.add_argument("--table", default=None, help="default: this host's shipped table")
+    p.add_argument("--threads", type=int, default=None, help="the process's thread count (default: this one's)")
+    p.add_argument("--isa", default=None, help="the host's ISA class (default: the table's own)")
+    shapes.add_model_args(p)
+    p.set_defaults(fn=coverage.cmd_coverage)

@@ -1,0 +1,175 @@
+"""`farm coverage`: for each of a model's quantized matmuls and each M, what a table decides at
+compile time and why, through the real lookup (kernels.table.load, incompatibilities, lookup)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from kernels.table import Table, TableError, incompatibilities, load, lookup
+
+from farm.errors import UserError
+from farm.zoo.shapes import DEFAULT_MS, ModelDims, Plan, load_zoo, plan
+
+INDUCTOR = "inductor"
+
+
+@dataclass(frozen=True)
+class Decision:
+    layer: str
+    op: str
+    dtype: str
+    m: int
+    n: int
+    k: int
+    group_size: int | None
+    source: str  # lookup's source: table, table:nearest-m, ... or inductor
+    choice: str | None  # the candidate id, None for Inductor's own behaviour
+    note: str
+
+    @property
+    def decided(self) -> bool:
+        return self.source != INDUCTOR
+
+
+@dataclass
+class ModelCoverage:
+    model: str
+    source: str
+    decisions: list[Decision]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def decided(self) -> int:
+        return sum(d.decided for d in self.decisions)
+
+    @property
+    def share(self) -> float:
+        return self.decided / len(self.decisions) if self.decisions else 0.0
+
+    def by_source(self) -> dict[str, int]:
+        return dict(Counter(d.source for d in self.decisions).most_common())
+
+    def summary(self) -> dict:
+        return {"model": self.model, "source": self.source, "matmuls": len(self.decisions), "decided": self.decided,
+                "share": round(self.share, 4), "by_source": self.by_source(), "skipped": self.skipped}
+
+
+@dataclass
+class TableView:
+    """A loaded table and why this process could not use it at all (empty: it may)."""
+
+    table: Table
+    isa: str
+    threads: int
+    refused: list[str]
+
+
+def open_table(path: str | None, threads: int | None = None, isa: str | None = None) -> TableView:
+    """Load as kernels.install() does: rows of another torch release or template source are stale,
+    and a table for another ISA class, thread count, torch or template is refused whole."""
+    import kernels
+    from kernels.provenance import template_hash, torch_version
+
+    path = path or kernels.shipped_table()
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    current_torch, current_hash = torch_version(), template_hash()
+    try:
+        table = load(path, current_torch, current_hash)
+    except TableError as exc:
+        raise UserError(str(exc)) from None
+    isa = isa or table.isa  # by default: what the table decides on a host of its own class
+    return TableView(table, isa, threads, incompatibilities(table, isa, threads, current_torch, current_hash))
+
+
+def decide(view: TableView, p: Plan) -> ModelCoverage:
+    decisions = []
+    for item in p.planned:
+        q = item.problem
+        if view.refused:
+            choice, source, note = None, INDUCTOR, "table not used: " + "; ".join(view.refused)
+        else:
+            candidate, source, note = lookup(view.table, q.op, q.dtype, q.m, q.n, q.k, q.group_size)
+            choice = candidate.id if candidate is not None else None
+        decisions.append(Decision(item.layer.name, q.op, q.dtype, q.m, q.n, q.k, q.group_size, source, choice, note))
+    return ModelCoverage(p.model.id, p.model.source, decisions, p.skipped)
+
+
+def model_coverage(view: TableView, model: str | ModelDims, ms=DEFAULT_MS, ops=("int8", "int4"), dtype: str = "bf16",
+                   group_size: int | None = 128, fused: bool = False) -> ModelCoverage:
+    return decide(view, plan(model, ms, ops, dtype, group_size, view.threads, fused))
+
+
+def overall(results: list[ModelCoverage]) -> dict:
+    total = sum(len(r.decisions) for r in results)
+    decided = sum(r.decided for r in results)
+    sources = Counter()
+    for r in results:
+        sources.update(r.by_source())
+    return {"models": len(results), "matmuls": total, "decided": decided,
+            "share": round(decided / total, 4) if total else 0.0, "by_source": dict(sources.most_common())}
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+def summary_line(r: ModelCoverage) -> str:
+    sources = ", ".join(f"{s} {n}" for s, n in r.by_source().items())
+    return f"{r.model}: {r.decided}/{len(r.decisions)} decided by the table ({100 * r.share:.1f}%); {sources}"
+
+
+def print_decisions(r: ModelCoverage, view: TableView, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+
+    table = RichTable(title=f"{r.model} on {view.table.path} ({view.isa}, {view.threads} threads)", title_justify="left")
+    for col in ("layer", "op", "M", "N", "K", "group", "source", "choice", "why"):
+        table.add_column(col, justify="right" if col in ("M", "N", "K") else "left")
+    for d in r.decisions:
+        table.add_row(d.layer, d.op, str(d.m), str(d.n), str(d.k), str(d.group_size or "-"), d.source,
+                      escape(d.choice or "-"), escape(d.note))
+    console.print(table)
+
+
+def header_lines(view: TableView) -> list[str]:
+    lines = [f"table {view.table.path}: {view.table.isa}, {view.table.threads} threads, {len(view.table.entries)} entries; "
+             f"asked for {view.isa} at {view.threads} threads"]
+    lines += [f"refused: {reason}" for reason in view.refused]
+    return lines
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    if bool(args.model) == bool(args.all):
+        raise UserError("coverage: name one model (zoo id or config.json path) or give --all")
+    view = open_table(args.table, args.threads, args.isa)
+    models = list(load_zoo().values()) if args.all else [args.model]
+    results = [model_coverage(view, m, args.m, args.ops, args.dtype, args.group_size, args.fused) for m in models]
+    if args.json:
+        doc = {"table": view.table.path, "isa": view.isa, "threads": view.threads, "refused": view.refused,
+               "m": args.m, "ops": args.ops, "group_size": args.group_size, "fused": args.fused,
+               "models": [r.summary() for r in results], "overall": overall(results)}
+        if not args.all:
+            doc["decisions"] = [asdict(d) for d in results[0].decisions]
+        print(json.dumps(doc))
+        return 0
+    console = Console(width=200)
+    for line in header_lines(view):
+        console.print(line, markup=False)
+    if not args.all:
+        print_decisions(results[0], view, console)
+    for r in results:
+        console.print(summary_line(r), markup=False)
+        for line in r.skipped:
+            console.print(f"  skipped {line}", markup=False)
+    if args.all:
+        total = overall(results)
+        sources = ", ".join(f"{s} {n}" for s, n in total["by_source"].items())
+        console.print(f"overall: {total['decided']}/{total['matmuls']} decided by the table "
+                      f"({100 * total['share']:.1f}%) over {total['models']} models; {sources}", markup=False)
+    return 0
