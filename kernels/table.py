@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .candidates import ATEN, Candidate, CandidateError, check_bounds, parse
 from .provenance import same_release
+from .rule import Rule, RuleError, features, parse_rule, predict
 
 TABLE_SCHEMA = "kernel-farm/table/1"
 # A table of every LLM shape at every M bucket is ~100 KB; 8 MB bounds what we parse.
@@ -53,6 +54,7 @@ class Table:
     path: str
     header: dict
     entries: dict[EntryKey, Entry]
+    rule: Rule | None = None  # for shapes without an entry (kernels/rule.py)
 
     @property
     def isa(self) -> str:
@@ -104,7 +106,7 @@ def _parse_header(doc: dict, where: str) -> dict:
     _need(doc, "template_hash", str, where)
     _need(doc, "emulated", bool, where)
     _need(doc, "entries", list, where)
-    return {k: v for k, v in doc.items() if k != "entries"}
+    return {k: v for k, v in doc.items() if k not in ("entries", "rule")}
 
 
 def _parse_entry(raw, where: str, threads: int, torch_version: str | None, template_hash: str | None) -> Entry:
@@ -163,7 +165,11 @@ def load(path: str, torch_version: str | None = None, template_hash: str | None 
         if entry.key in entries:
             raise TableError(f"{path}: entries[{index}]: duplicate key {entry.key}")
         entries[entry.key] = entry
-    return Table(path, header, entries)
+    try:
+        rule = parse_rule(doc.get("rule"), f"{path}: rule", header["threads"])
+    except RuleError as exc:
+        raise TableError(str(exc)) from None
+    return Table(path, header, entries, rule)
 
 
 def dump(doc: dict, path: str) -> None:
@@ -196,10 +202,11 @@ def _log_distance(a: int, b: int) -> float:
 
 def lookup(table: Table, op: str, dtype: str, m: int | None, n: int, k: int,
            group_size: int | None) -> tuple[Candidate | None, str, str]:
-    """(candidate or None for Inductor's own, source, note). See README "Lookup policy"."""
+    """(candidate or None for Inductor's own, source, note). See README "Lookup policy":
+    exact entry, nearest M where its regret was measured safe, the learned rule, Inductor."""
     family = [e for e in table.families().get((op, dtype, n, k, group_size), []) if not e.stale]
     if not family:
-        return None, "inductor", "no table entry"
+        return _by_rule(table, op, dtype, m, n, k, group_size, "no table entry")
     if m is None:
         winners = {e.candidate for e in family}
         if len(winners) == 1:
@@ -213,4 +220,15 @@ def lookup(table: Table, op: str, dtype: str, m: int | None, n: int, k: int,
     nearest = min(family, key=lambda e: (_log_distance(e.key.m, m), e.key.m))
     if nearest.nearest_m_ok:
         return nearest.candidate, "table:nearest-m", f"M={m} uses the M={nearest.key.m} entry"
-    return None, "inductor", f"M={m} not in the table and the M={nearest.key.m} entry is not safe for other M"
+    return _by_rule(table, op, dtype, m, n, k, group_size,
+                    f"M={m} not in the table and the M={nearest.key.m} entry is not safe for other M")
+
+
+def _by_rule(table: Table, op: str, dtype: str, m: int | None, n: int, k: int, group_size: int | None,
+             why_not_entries: str) -> tuple[Candidate | None, str, str]:
+    if table.rule is None or m is None:  # the rule's features need a static M
+        return None, "inductor", why_not_entries
+    candidate, path = predict(table.rule, features(op, dtype, m, n, k, group_size))
+    if candidate is None:
+        return None, "inductor", f"{why_not_entries}; the rule is unsure here ({path})"
+    return candidate, "table:rule", path

@@ -251,7 +251,10 @@ def emulation_agreement(by_key: dict[tuple, list[dict]], prefer_weights: str, re
 
 def aggregate(records: list[dict], torch_version: str, template_hash: str, prefer_weights: str = "cold",
               regret_threshold: float = DEFAULT_REGRET_THRESHOLD, resamples: int = 2000) -> AggregateResult:
-    """Build one table document per (ISA class, threads) from fresh records."""
+    """Build one table document per (ISA class, threads) from fresh records, each with the
+    learned rule for shapes it has no entry for (farm/tables/rule.py) where one validates."""
+    from farm.tables.rule import build_rule
+
     fresh = [r for r in records if not is_stale(r, torch_version, template_hash)]
     groups: dict[tuple[str, int], dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in fresh:
@@ -259,9 +262,9 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
     tables, skipped, blind, agreement = {}, [], [], []
     for (isa, threads), by_key in sorted(groups.items()):
         agreement += [{"isa": isa, "threads": threads, **row} for row in emulation_agreement(by_key, prefer_weights, resamples)]
-        entries, combined, hosts = [], {}, {}
+        entries, combined, hosts, used = [], {}, {}, {}
         for key in sorted(by_key, key=lambda k: tuple((v is None, v) for v in k)):
-            chosen = _choose_weights(_prefer_native(by_key[key]), prefer_weights)
+            chosen = used[key] = _choose_weights(_prefer_native(by_key[key]), prefer_weights)
             blind += sorted({f"{isa}/{threads}t {key}: {c['id']} (emulated on {_host_name(r)})" for r in chosen
                              for c in r["candidates"] if c["status"] == "ok" and emulation_blind(r, c["id"])})
             try:
@@ -273,6 +276,7 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
             for r in chosen:
                 hosts[_host_name(r)] = {"cpu": r["host"].get("cpu"), "emulated": r["host"].get("emulated"), "cores": r["host"].get("cores")}
         _mark_nearest_m(entries, combined, regret_threshold)
+        rule, rule_status = build_rule(used)
         all_records = [r for rs in by_key.values() for r in rs]
         tables[(isa, threads)] = {
             "schema": TABLE_SCHEMA,
@@ -287,5 +291,7 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
             "policy": {"nearest_m_regret_threshold": regret_threshold, "prefer_weights": prefer_weights,
                        "dynamic_m": "the winner when every M bucket agrees and it needs no static blocking, else Inductor"},
             "entries": entries,
+            "rule": rule,
+            "rule_status": rule_status,
         }
     return AggregateResult(tables, len(records) - len(fresh), skipped, blind, agreement)

@@ -74,7 +74,25 @@ def show(path: str, console: Console | None = None) -> None:
                       escape(e["winner"]), f"{e['median_us']:.1f}", f"{e['speedup_vs_aten']:.3f}",
                       f"[{e['speedup_ci95'][0]:.3f}, {e['speedup_ci95'][1]:.3f}]", escape(e.get("runner_up") or "-"),
                       "yes" if e["nearest_m_ok"] else "no", escape(note[:60]))
-    (console or Console(width=220)).print(table)
+    console = console or Console(width=220)
+    console.print(table)
+    console.print(escape(rule_summary(doc)))
+
+
+def rule_summary(doc: dict) -> str:
+    """One paragraph on the table's learned rule: its size and its held-out validation."""
+    rule = doc.get("rule")
+    if not rule:
+        return f"rule: none ({doc.get('rule_status', 'not trained')})"
+    v = rule["validation"]
+    leaves = [n for n in rule["nodes"] if "leaf" in n]
+    answers = sorted({str(n["leaf"]) for n in leaves if n["leaf"] is not None})
+    return (f"rule: {len(rule['nodes'])} nodes, depth {v.get('depth')}, {len(leaves)} leaves "
+            f"({sum(n['leaf'] is None for n in leaves)} unsure; answers {', '.join(answers) or 'none'}), trained on "
+            f"{rule['trained_on']['problems']} problems of {', '.join(rule['trained_on']['families'])}. "
+            f"{v['method']}: {v['decided']} of {v['held_out_problems']} held-out problems decided, "
+            f"{v['losses_vs_default']} slower than the default beyond noise, regret vs the oracle geomean "
+            f"{v['regret_geomean']}, p95 {v['regret_p95']}, worst {v['regret_worst']}")
 
 
 def check(path: str) -> list[str]:

@@ -1,0 +1,179 @@
+"""Train and validate the learned rule that a table ships for shapes it never measured.
+
+The runtime side (kernels/rule.py) only evaluates a small tree stored as data; this module
+builds that tree from the farm's records with scikit-learn and validates it by leaving one
+model family out at a time, as Inductor's AutoHeuristic trains its GPU heuristics offline.
+
+Safety, not accuracy, decides what a leaf says: a leaf names the candidate that was within
+noise of the best, and not slower than ATen beyond noise, on *every* training problem that
+reached it; where no candidate is, the leaf is unsure and Inductor decides. A rule that loses
+to the default beyond noise on any held-out family is not shipped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from kernels.candidates import AA_CONTROL, ATEN
+from kernels.rule import FEATURES, MAX_DEPTH, features
+
+from farm.measure import stats
+
+# Depths tried, deepest first; the deepest with no held-out loss ships. A 2-core host affords
+# tens of problems per ISA class: deeper trees only memorise them.
+DEPTHS = (4, 3, 2)
+DEFAULT_DEPTH = 4
+MIN_SAMPLES_LEAF = 2
+# Held-out families a rule must be validated on before it ships.
+MIN_FAMILIES = 2
+# A leaf names a non-ATen candidate only where it gained at least this much beyond the noise
+# band on every training problem in the leaf. Leave-one-family-out over the AVX512 records
+# (80 problems, 3 families): without the margin, candidates that merely tied in training lost
+# 6-20% on held-out problems (2-4 losses); with 5%, none at depth 3.
+GAIN_MARGIN = 0.05
+
+
+@dataclass
+class Sample:
+    """One measured problem: its features and each ok candidate's median paired speedup."""
+
+    key: tuple
+    family: str
+    feats: dict[str, float]
+    speedups: dict[str, float]
+    band: float
+
+    def best(self) -> float:
+        return max(self.speedups.values())
+
+    def safe(self, cid: str) -> bool:
+        """Within noise of this problem's best, and not slower than ATen beyond noise."""
+        s = self.speedups.get(cid)
+        return s is not None and s * (1 + self.band) >= self.best() and s >= 1 - self.band
+
+
+def family_of(label: str | None) -> str:
+    """'Llama-3.2-1B.qkv_proj' -> 'Llama'; 'Qwen2.5-0.5B.o_proj' -> 'Qwen'."""
+    match = re.match(r"[A-Za-z]+", label or "")
+    return match.group(0) if match else "unknown"
+
+
+def samples_from(by_key: dict[tuple, list[dict]]) -> list[Sample]:
+    """One sample per key, pooling its records (the same statistics as the table entries)."""
+    from farm.tables.aggregate import combine, noise_band
+
+    out = []
+    for key, records in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        combined = combine(records, resamples=200)
+        speedups = {cid: c.speedup for cid, c in combined.items() if c.ok and cid != AA_CONTROL}
+        if ATEN not in speedups:
+            continue
+        op, dtype, m, n, k, group = key
+        out.append(Sample(key, family_of(records[0].get("label")), features(op, dtype, m, n, k, group),
+                          speedups, noise_band(records)))
+    return out
+
+
+def _leaf_choice(members: list[Sample], margin: float = GAIN_MARGIN) -> str | None:
+    """A non-ATen candidate that is safe and a clear gain on every member (the best geomean
+    among them); else ATen where ATen itself was within noise of the best on every member (the
+    farm measured that nothing beats the default there); else None (unsure)."""
+    common = set.intersection(*(set(s.speedups) for s in members)) - {ATEN}
+    gains = [cid for cid in common
+             if all(s.safe(cid) and s.speedups[cid] >= 1 + s.band + margin for s in members)]
+    if gains:
+        return max(sorted(gains), key=lambda cid: stats.geomean([s.speedups[cid] for s in members]))
+    return ATEN if all(s.safe(ATEN) for s in members) else None
+
+
+def train(samples: list[Sample], depth: int = DEFAULT_DEPTH, min_leaf: int = MIN_SAMPLES_LEAF) -> list[dict]:
+    """Fit a tree on the samples' best candidates; relabel its leaves by the safety rule."""
+    from sklearn.tree import DecisionTreeClassifier
+
+    X = [[s.feats[f] for f in FEATURES] for s in samples]
+    labels = [max(s.speedups, key=s.speedups.get) if s.best() > 1 + s.band else ATEN for s in samples]
+    if len(set(labels)) == 1:  # one class: a single leaf, still subject to the safety rule
+        return [{"leaf": _leaf_choice(samples), "samples": len(samples)}]
+    tree = DecisionTreeClassifier(max_depth=min(depth, MAX_DEPTH), min_samples_leaf=min_leaf, random_state=0)
+    tree.fit(X, labels)
+    members: dict[int, list[Sample]] = defaultdict(list)
+    for sample, leaf in zip(samples, tree.apply(X)):
+        members[int(leaf)].append(sample)
+    return _export(tree.tree_, members)
+
+
+def _export(t, members: dict[int, list[Sample]]) -> list[dict]:
+    """sklearn's arrays -> the shipped node list (root first, children after their parent)."""
+    nodes: list[dict] = []
+
+    def visit(i: int) -> int:
+        index = len(nodes)
+        nodes.append({})
+        if t.children_left[i] == -1:
+            nodes[index] = {"leaf": _leaf_choice(members[i]) if members[i] else None, "samples": len(members[i])}
+            return index
+        left, right = visit(int(t.children_left[i])), visit(int(t.children_right[i]))
+        nodes[index] = {"feature": FEATURES[int(t.feature[i])], "threshold": round(float(t.threshold[i]), 6),
+                        "left": left, "right": right}
+        return index
+
+    visit(0)
+    return nodes
+
+
+def _predict(nodes: list[dict], feats: dict[str, float]) -> str | None:
+    i = 0
+    while "leaf" not in nodes[i]:
+        i = nodes[i]["left"] if feats[nodes[i]["feature"]] <= nodes[i]["threshold"] else nodes[i]["right"]
+    return nodes[i]["leaf"]
+
+
+def validate(samples: list[Sample], depth: int = DEFAULT_DEPTH) -> dict:
+    """Leave one model family out: train on the others, decide the held-out family's problems."""
+    families = sorted({s.family for s in samples})
+    regrets, losses, decided, held_out = [], [], 0, 0
+    for family in families:
+        train_set = [s for s in samples if s.family != family]
+        if not train_set:
+            continue
+        nodes = train(train_set, depth)
+        for s in (s for s in samples if s.family == family):
+            held_out += 1
+            choice = _predict(nodes, s.feats)
+            if choice is None:
+                continue
+            decided += 1
+            got = s.speedups.get(choice)
+            if got is None or got < 1 - s.band:  # not measured there, or slower than the default
+                losses.append(f"{family} {s.key}: {choice} at {got if got is None else round(got, 3)}")
+                continue
+            regrets.append(s.best() / got)
+    ordered = sorted(regrets)
+    return {
+        "method": "leave one model family out", "families": families, "held_out_problems": held_out,
+        "decided": decided, "losses_vs_default": len(losses), "loss_detail": losses[:10],
+        "regret_geomean": round(stats.geomean(regrets), 4) if regrets else None,
+        "regret_p95": round(ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)], 4) if ordered else None,
+        "regret_worst": round(ordered[-1], 4) if ordered else None,
+    }
+
+
+def build_rule(by_key: dict[tuple, list[dict]], depths: tuple[int, ...] = DEPTHS) -> tuple[dict | None, str]:
+    """(the table's `rule` field or None, why). Ships the deepest rule that, validated on
+    held-out families, never lost to the default beyond noise."""
+    samples = samples_from(by_key)
+    families = {s.family for s in samples}
+    if len(families) < MIN_FAMILIES:
+        return None, f"records of {len(families)} model family(ies): a rule needs {MIN_FAMILIES} to be validated"
+    tried = []
+    for depth in depths:
+        validation = validate(samples, depth)
+        if validation["losses_vs_default"] == 0 and validation["decided"]:
+            nodes = train(samples, depth)
+            return {"features": list(FEATURES), "nodes": nodes, "validation": {**validation, "depth": depth},
+                    "trained_on": {"problems": len(samples), "families": sorted(families)}}, f"validated at depth {depth}"
+        tried.append(f"depth {depth}: {validation['losses_vs_default']} held-out loss(es), {validation['decided']} decided")
+    return None, "not shipped: " + "; ".join(tried)

@@ -1,0 +1,157 @@
+"""The learned rule for unmeasured shapes (issue 9): training, validation, shipping as data, lookup."""
+
+import copy
+import warnings
+
+import pytest
+import yaml
+
+import kernels
+from kernels.candidates import parse
+from kernels.provenance import template_hash, torch_version
+from kernels.rule import FEATURES, MAX_DEPTH, RuleError, features, parse_rule, predict
+from kernels.table import TableError, load, lookup
+from farm.tables.aggregate import aggregate
+from farm.tables.rule import Sample, build_rule, train, validate
+from tablekit import entry, noisy, record, table_doc
+
+THREADS = 2
+
+
+def _rule(nodes):
+    return {"features": list(FEATURES), "nodes": nodes, "validation": {}}
+
+
+# Decode (M <= 16) -> cpp; prefill -> unsure.
+TREE = _rule([{"feature": "log2_m", "threshold": 4.0, "left": 1, "right": 2},
+              {"leaf": "cpp", "samples": 4}, {"leaf": None, "samples": 3}])
+
+
+def test_a_tree_is_evaluated_without_scikit_learn():
+    rule = parse_rule(TREE, "rule", THREADS)
+    assert predict(rule, features("int8", "bf16", 8, 4096, 4096, None)) == (parse("cpp"), "log2_m<=4")
+    assert predict(rule, features("int8", "bf16", 128, 4096, 4096, None)) == (None, "log2_m>4")
+
+
+def _deep(depth):
+    nodes = []
+    for i in range(depth):
+        nodes.append({"feature": "log2_m", "threshold": float(i), "left": len(nodes) + 1, "right": len(nodes) + 2})
+        nodes.append({"leaf": "aten"})
+    nodes.append({"leaf": "aten"})
+    # make every split's left child the next split (a chain), right child a leaf
+    for i in range(depth):
+        nodes[2 * i]["left"], nodes[2 * i]["right"] = 2 * i + 2, 2 * i + 1
+    return nodes
+
+
+BAD_RULES = {
+    "unknown feature": (_rule([{"feature": "colour", "threshold": 1, "left": 1, "right": 2}, {"leaf": "aten"}, {"leaf": "aten"}]),
+                        "unknown feature 'colour'"),
+    "bad leaf": (_rule([{"leaf": "cpp[tf=9,9,9]"}]), "thread factors"),
+    "leaf not a string": (_rule([{"leaf": 7}]), "expected a candidate id or null"),
+    "threshold a string": (_rule([{"feature": "log2_m", "threshold": "4", "left": 1, "right": 2}, {"leaf": "aten"}, {"leaf": "aten"}]),
+                           "threshold: expected a finite number"),
+    "child points back": (_rule([{"feature": "log2_m", "threshold": 4, "left": 0, "right": 1}, {"leaf": "aten"}]),
+                          "expected a node index"),
+    "too deep": (_rule(_deep(MAX_DEPTH + 1)), f"exceeds {MAX_DEPTH}"),
+    "wrong feature list": ({**TREE, "features": ["log2_m"]}, "features: expected"),
+    "empty nodes": (_rule([]), "nodes: expected a list"),
+    "unreachable node": (_rule([{"leaf": "aten"}, {"leaf": "aten"}]), "not reachable"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_RULES))
+def test_malformed_rules_are_refused_naming_the_field(name):
+    raw, needle = BAD_RULES[name]
+    with pytest.raises(RuleError, match=needle.replace("[", "\\[")):
+        parse_rule(raw, "rule", THREADS)
+
+
+def test_a_table_with_a_malformed_rule_gives_one_warning_and_inductors_behaviour(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(table_doc([], threads=THREADS, rule=BAD_RULES["unknown feature"][0])))
+    with pytest.raises(TableError, match="rule.nodes\\[0\\].feature"):
+        load(str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = kernels.install(str(path))
+    kernels.uninstall()
+    assert not result.active
+    assert len([w for w in caught if issubclass(w.category, kernels.KernelFarmWarning)]) == 1
+
+
+def test_lookup_order_exact_then_nearest_m_then_rule_then_inductor(tmp_path):
+    path = tmp_path / "t.yaml"
+    doc = table_doc([entry("int8", "bf16", 32, 4096, 4096, None, "cpp[cb=1,16,64]", nearest_m_ok=True),
+                     entry("int8", "bf16", 128, 2048, 2048, None, "dq", nearest_m_ok=False)],
+                    threads=THREADS, rule=TREE)
+    path.write_text(yaml.safe_dump(doc))
+    table = load(str(path), torch_version(), template_hash())
+    assert lookup(table, "int8", "bf16", 32, 4096, 4096, None)[:2] == (parse("cpp[cb=1,16,64]"), "table")
+    assert lookup(table, "int8", "bf16", 64, 4096, 4096, None)[:2] == (parse("cpp[cb=1,16,64]"), "table:nearest-m")
+    # The M=128 entry is not safe for M=8: the rule decides (decode -> cpp).
+    assert lookup(table, "int8", "bf16", 8, 2048, 2048, None)[:2] == (parse("cpp"), "table:rule")
+    # No entry, and the rule says decode -> cpp; prefill -> unsure -> Inductor, saying why.
+    assert lookup(table, "int8", "bf16", 1, 1024, 3072, None)[:2] == (parse("cpp"), "table:rule")
+    candidate, source, note = lookup(table, "int8", "bf16", 512, 1024, 3072, None)
+    assert (candidate, source) == (None, "inductor") and "rule is unsure" in note
+    assert lookup(table, "int8", "bf16", None, 1024, 3072, None)[:2] == (None, "inductor")  # dynamic M: no rule
+
+
+# --- training and validation (farm side) ---------------------------------------------------------
+
+
+def _sample(family, m, n, speedups, band=0.02):
+    return Sample(("int8", "bf16", m, n, 2048, None), family, features("int8", "bf16", m, n, 2048, None),
+                  {"aten": 1.0, **speedups}, band)
+
+
+def test_a_leaf_names_only_a_candidate_that_gained_on_every_problem_in_it():
+    # cpp gains 30% on every decode problem of both families; at prefill it gains on one family
+    # and loses on the other, so prefill must be unsure (or ATen), never cpp.
+    samples = [_sample(f, m, n, {"cpp": 1.3}) for f in ("A", "B") for m in (1, 2) for n in (1024, 4096)]
+    samples += [_sample("A", m, n, {"cpp": 1.4}) for m in (256, 512) for n in (1024, 4096)]
+    samples += [_sample("B", m, n, {"cpp": 0.7}) for m in (256, 512) for n in (1024, 4096)]
+    nodes = train(samples, depth=2, min_leaf=2)
+    rule = parse_rule(_rule(nodes), "rule", THREADS)
+    assert predict(rule, features("int8", "bf16", 1, 2048, 2048, None))[0] == parse("cpp")
+    assert predict(rule, features("int8", "bf16", 512, 2048, 2048, None))[0] in (None,)
+
+
+def test_leave_one_family_out_counts_losses_and_a_losing_rule_is_not_shipped():
+    # Family B's prefill behaves unlike A's: a rule trained on A alone would pick cpp there.
+    samples = [_sample("A", m, n, {"cpp": 1.5}) for m in (128, 256, 512) for n in (1024, 2048, 4096)]
+    samples += [_sample("B", m, n, {"cpp": 0.8}) for m in (128, 256, 512) for n in (1024, 2048, 4096)]
+    result = validate(samples, depth=2)
+    assert result["losses_vs_default"] == 9 and result["held_out_problems"] == 18
+    assert result["families"] == ["A", "B"]
+
+
+def _records(family, m, n, cpp_ms, seed=0):
+    rec = record("h", "int8", m, {"aten": noisy(100, seed=seed), "aten~aa": noisy(100, seed=seed + 1),
+                                  "cpp": noisy(cpp_ms, seed=seed + 2)}, n=n, k=2048, isa="avx2")
+    rec["label"] = f"{family}-1B.proj"
+    return rec
+
+
+def test_aggregate_ships_a_validated_rule_in_the_table_and_it_loads():
+    # Decode: cpp 25% faster in both families; prefill: ATen best in both. Leave-one-out holds.
+    widths = {"Llama": (1024, 2048, 4096), "Qwen": (1536, 3072, 6144)}  # a key belongs to one family
+    records = [_records(f, m, n, 80 if m <= 16 else 104, seed=i)
+               for i, (f, m, n) in enumerate((f, m, n) for f in widths for m in (1, 16, 128, 512) for n in widths[f])]
+    result = aggregate(records, torch_version(), template_hash(), resamples=200)
+    doc = result.tables[("avx2", 2)]
+    assert doc["rule"] is not None, doc["rule_status"]
+    v = doc["rule"]["validation"]
+    assert v["losses_vs_default"] == 0 and v["families"] == ["Llama", "Qwen"] and v["decided"] > 0
+    rule = parse_rule(doc["rule"], "rule", 2)
+    assert predict(rule, features("int8", "bf16", 4, 3072, 2048, None))[0] == parse("cpp")
+    assert predict(rule, features("int8", "bf16", 256, 3072, 2048, None))[0] in (parse("aten"), None)
+
+
+def test_one_family_is_not_enough_to_ship_a_rule():
+    records = [_records("Llama", m, 2048, 80, seed=m) for m in (1, 16, 128)]
+    result = aggregate(records, torch_version(), template_hash(), resamples=200)
+    doc = result.tables[("avx2", 2)]
+    assert doc["rule"] is None and "1 model family" in doc["rule_status"]
