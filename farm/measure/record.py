@@ -14,6 +14,7 @@ from kernels.provenance import template_hash, torch_version
 from farm.measure import stats
 from farm.measure.problem import Problem
 from farm.measure.protocol import Protocol
+from farm.measure.timing import WEIGHT_STATES
 
 RECORD_SCHEMA_VERSION = 1
 STATUSES = ("ok", "compile_error", "crash", "timeout", "wrong_result", "unsupported")
@@ -129,6 +130,7 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
         "noise": {"control": AA_CONTROL, "speedup": control["speedup_vs_aten"] if control else None,
                   "ci95": control["speedup_ci95"] if control else None, "band": band},
         "protocol": {**protocol.as_dict(), "rounds": rounds, "weights": problem.weights,
+                     "weight_state": {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights]},
                      "timer": "time.perf_counter_ns", "order": "shuffled per round", "ratio": "paired per round vs aten"},
         "provenance": {"torch": torch_version(), "template_hash": template_hash(),
                        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
