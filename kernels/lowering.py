@@ -11,6 +11,7 @@ with a table policy (kernels.install): what is measured is what ships.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
@@ -26,6 +27,9 @@ _GEMM_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 # temporary per token. Overridable with KERNEL_FARM_DQ_MAX_BYTES.
 DQ_MAX_BYTES = 1 << 30
 OP_TARGETS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}
+# What the farm measures: anything else is declined to Inductor's own lowering.
+GROUP_SIZES = (32, 64, 128, 256)
+_WEIGHT_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,8 @@ class ProblemKey:
     op: str
     dtype: str
     m: int | None  # None: M is symbolic at compile time (dynamic shapes)
-    n: int
-    k: int
+    n: int | None  # None only in a declined problem's key (symbolic N or K)
+    k: int | None
     group_size: int | None
     threads: int
 
@@ -85,10 +89,15 @@ class RecompiledError(RuntimeError):
     pass
 
 
+# A farm lowering's answer for "Inductor's own lowering" (the recorded decision says why).
+DECLINE = object()
+
+
 _lock = threading.Lock()
 _policy: Policy | None = None
 _originals: dict[Any, Callable] = {}
 _decisions: list[Decision] = []
+_warned: set[str] = set()
 
 
 def decisions() -> list[Decision]:
@@ -107,14 +116,17 @@ def register(policy: Policy) -> None:
 
     with _lock:
         _policy = policy
+        _warned.clear()  # a new policy reports its own failures
         if _originals:
             return
         aten = torch.ops.aten
-        for packet, fn in ((aten._weight_int8pack_mm, _int8pack_mm), (aten._weight_int4pack_mm_for_cpu, _int4pack_mm)):
+        for packet, op, fn in ((aten._weight_int8pack_mm, "int8", _int8pack_mm),
+                               (aten._weight_int4pack_mm_for_cpu, "int4", _int4pack_mm)):
             # Every overload explicitly: register_lowering skips overloads already lowered.
             targets = [packet, *(getattr(packet, name) for name in packet.overloads())]
             _originals.update({t: inductor_lowering.lowerings[t] for t in targets if t in inductor_lowering.lowerings})
-            inductor_lowering.register_lowering(targets, type_promotion_kind=None)(fn)
+            original = _originals[packet.default]
+            inductor_lowering.register_lowering(targets, type_promotion_kind=None)(_boundary(op, fn, original))
 
 
 def unregister() -> None:
@@ -132,12 +144,89 @@ def active_policy() -> Policy | None:
     return _policy
 
 
-def _key(op: str, mat1: Any, n: Any, k: Any, group_size: int | None) -> ProblemKey:
+def _measuring() -> bool:
+    """The farm's own policies: their errors are measurement results and must propagate."""
+    return isinstance(_policy, (Forced, Sealed))
+
+
+def _boundary(op: str, fn: Callable, original: Callable) -> Callable:
+    """The farm's lowering `fn` behind one boundary: DECLINE, or any exception from the farm's
+    code (a torch that passes something unexpected, a bug here), goes to Inductor's `original`
+    with one KernelFarmWarning per distinct message; a table never breaks the user's compile.
+    Inductor's own lowering runs outside the try, so its errors stay its own."""
+
+    @functools.wraps(fn)
+    def lowering(*args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            if _measuring():
+                raise
+            _failed(op, exc)
+            result = DECLINE
+        return original(*args, **kwargs) if result is DECLINE else result
+
+    return lowering
+
+
+def _failed(op: str, exc: Exception) -> None:
     from torch._inductor.utils import parallel_num_threads
 
-    m = mat1.get_size()[0]
-    m_static = int(m) if getattr(m, "is_number", True) else None
-    return ProblemKey(op, _DTYPE_NAMES[mat1.get_dtype()], m_static, int(n), int(k), group_size, parallel_num_threads())
+    message = f"the {op} lowering failed ({type(exc).__name__}: {str(exc).strip()[:300]})"
+    _decisions.append(Decision(ProblemKey(op, "?", None, None, None, None, parallel_num_threads()),
+                               None, "inductor", message))
+    if message not in _warned:
+        _warned.add(message)
+        from . import _warn
+
+        _warn(message)
+
+
+def _static(size: Any) -> int | None:
+    """A size as an int, None when it is symbolic (dynamic shapes)."""
+    try:
+        return int(size)
+    except TypeError:  # sympy: "Cannot convert symbols to int"
+        return None
+
+
+def _key(op: str, mat1: Any, mat2: Any, n: Any, k: Any, group_size: int | None) -> tuple[ProblemKey, str | None]:
+    """The problem's key, and why the farm cannot serve it (None: it can). A declined key
+    has None for the sizes that are symbolic; M alone may be symbolic in a served key."""
+    from torch._inductor.utils import parallel_num_threads
+
+    size = mat1.get_size()
+    dtype = mat1.get_dtype()
+    m = _static(size[0]) if len(size) == 2 else None
+    key = ProblemKey(op, _DTYPE_NAMES.get(dtype, str(dtype)), m, _static(n), _static(k), group_size,
+                     parallel_num_threads())
+    return key, _unkeyable(key, mat1, mat2)
+
+
+def _unkeyable(key: ProblemKey, mat1: Any, mat2: Any) -> str | None:
+    """Why this problem is outside what the farm measures (None: inside)."""
+    if len(mat1.get_size()) != 2 or len(mat2.get_size()) != 2:
+        return f"activation rank {len(mat1.get_size())} / weight rank {len(mat2.get_size())}, not 2 / 2"
+    if key.dtype not in _GEMM_DTYPES:
+        return f"activation dtype {key.dtype} is not one the farm measures"
+    if mat2.get_dtype() != _WEIGHT_DTYPES[key.op]:
+        return f"weight dtype {mat2.get_dtype()} is not {_WEIGHT_DTYPES[key.op]}"
+    if key.n is None or key.k is None:
+        return "symbolic N or K (dynamic shapes): tables are keyed by static N and K"
+    if key.op == "int4" and key.group_size not in GROUP_SIZES:
+        return f"group size {key.group_size} is not one of {GROUP_SIZES}"
+    if _static(mat1.get_stride()[-1]) != 1 or not mat2.get_layout().is_contiguous():
+        return "a strided activation or non-contiguous weight (the farm measures row-major operands)"
+    return None
+
+
+def _decline(key: ProblemKey, reason: str) -> object:
+    if isinstance(_policy, Forced):
+        raise Unsupported(f"{key.op}: {reason}")
+    if isinstance(_policy, Sealed):
+        _policy.choose(key)  # raises: any lowering after sealing is a recompile
+    _decisions.append(Decision(key, None, "inductor", reason))
+    return DECLINE
 
 
 def _choose(key: ProblemKey) -> Candidate | None:
@@ -175,11 +264,11 @@ def _template_unsupported(layout, mat1, mat2, **kwargs) -> str | None:
     )
 
 
-def _fallback_or_raise(key: ProblemKey, candidate: Candidate, reason: str, original: Callable, args, kwargs):
+def _fallback_or_raise(key: ProblemKey, candidate: Candidate, reason: str) -> object:
     if isinstance(_policy, Forced):
         raise Unsupported(f"{candidate.id}: {reason}")
     _decisions.append(Decision(key, None, "inductor", f"{candidate.id} unsupported here: {reason}"))
-    return original(*args, **kwargs)
+    return DECLINE
 
 
 def _first(result):
@@ -197,17 +286,18 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
 
     from .template import bind
 
-    original = _originals[torch.ops.aten._weight_int8pack_mm.default]
     m, n, k, out_layout, mat1, mat2 = mm_args(input, weight, layout=layout, mat2_transposed=True)
-    key = _key("int8", mat1, n, k, None)
+    key, why_not = _key("int8", mat1, mat2, n, k, None)
+    if why_not:
+        return _decline(key, why_not)
     candidate = _choose(key)
     if candidate is None:
-        return original(input, weight, scale, layout=layout)
+        return DECLINE
 
     if candidate.kind == DEQUANT:
         too_big = _dequant_too_big(candidate, key)
         if too_big:
-            return _fallback_or_raise(key, candidate, too_big, original, (input, weight, scale), {"layout": layout})
+            return _fallback_or_raise(key, candidate, too_big)
         return _dequant_mm(input, weight, scale, candidate.gemm_dtype)
     choices: list = []
     if candidate.kind == ATEN:
@@ -215,7 +305,7 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
     else:
         reason = _template_unsupported(out_layout, mat1, mat2)
         if reason:
-            return _fallback_or_raise(key, candidate, reason, original, (input, weight, scale), {"layout": layout})
+            return _fallback_or_raise(key, candidate, reason)
 
         def mul_epilogue(buf):
             return create_epilogue_with_attr(buf, "mul", other=realize_inputs(expand(scale, out_layout.size)))
@@ -271,19 +361,18 @@ def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
 
     from .template import bind
 
-    original = _originals[torch.ops.aten._weight_int4pack_mm_for_cpu.default]
     m, n, k, out_layout, mat1, mat2 = mm_args(
         input, weight, layout=layout, use_4x2_dim=True, mat2_transposed=True
     )
-    key = _key("int4", mat1, n, k, int(qGroupSize))
+    key, why_not = _key("int4", mat1, mat2, n, k, _static(qGroupSize))
+    if why_not:
+        return _decline(key, why_not)
     candidate = _choose(key)
     if candidate is None:
-        return original(input, weight, qGroupSize, qScaleAndZeros, layout=layout)
+        return DECLINE
 
     if candidate.kind == DEQUANT:
-        args = (input, weight, qGroupSize, qScaleAndZeros)
-        return _fallback_or_raise(key, candidate, "dq is int8-only (the int4 packed layout has no dense dequant here)",
-                                  original, args, {"layout": layout})
+        return _fallback_or_raise(key, candidate, "dq is int8-only (the int4 packed layout has no dense dequant here)")
     group_size = V.graph.add_tensor_constant(torch.tensor(qGroupSize, dtype=torch.int64), name=None)
     inputs = [mat1, mat2, group_size, qScaleAndZeros]
     choices: list = []
@@ -294,7 +383,6 @@ def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
         if reason is None and not mat2.get_layout().is_contiguous():
             reason = "the packed int4 weight is not contiguous"
         if reason:
-            args = (input, weight, qGroupSize, qScaleAndZeros)
-            return _fallback_or_raise(key, candidate, reason, original, args, {"layout": layout})
+            return _fallback_or_raise(key, candidate, reason)
         bind(CppWoqInt4GemmTemplate[int(qGroupSize)], candidate.knobs).add_choices(choices, out_layout, inputs)
     return _first(autotune_select_algorithm("_weight_int4pack_mm_for_cpu", choices, inputs, out_layout))
