@@ -2,6 +2,9 @@
 
 Store format history (STORE_VERSION, kept in the meta table):
   1  runs + measurements (one row per run, problem, ISA class and host: a whole record).
+
+A store or record from elsewhere (another farm version, an older schema, not a store at all)
+is refused with a UserError naming the field, before anything is written to it.
 """
 
 from __future__ import annotations
@@ -50,19 +53,58 @@ def problem_key(problem: dict) -> str:
             f"/t{problem['threads']}/{problem['weights']}")
 
 
+def check_record(record, where: str = "record") -> dict:
+    """A record from outside this process (a file, a store, another node): UserError naming
+    the field that is wrong; a record of another schema version is named as such."""
+    import jsonschema
+
+    from farm.measure.record import RECORD_SCHEMA_VERSION, validate_record
+
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a record (a JSON object), got {type(record).__name__}")
+    version = record.get("schema")
+    if version != RECORD_SCHEMA_VERSION:
+        raise UserError(f"{where}.schema: record schema {version!r} is not {RECORD_SCHEMA_VERSION} "
+                        "(written by another farm version; no conversion known)")
+    try:
+        validate_record(record)
+    except jsonschema.ValidationError as exc:
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.absolute_path)
+        raise UserError(f"{where}{field}: {exc.message[:200]}") from None
+    return record
+
+
 class Store:
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # Autocommit: each row is durable as it arrives (a killed driver loses nothing).
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
-        row = self.db.execute("SELECT value FROM meta WHERE key='version'").fetchone()
+        try:
+            fresh = self._check_version()  # before any write: a foreign store is left as it is
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(_SCHEMA)
+            if fresh:
+                self.db.execute("INSERT INTO meta VALUES ('version', ?)", (str(STORE_VERSION),))
+        except (UserError, sqlite3.DatabaseError) as exc:
+            self.db.close()
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"{path}: not a farm store ({exc})") from None
+
+    def _check_version(self) -> bool:
+        """True for an empty database (a new store); UserError for any other version."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            return True
+        row = self.db.execute("SELECT value FROM meta WHERE key='version'").fetchone() if "meta" in tables else None
         if row is None:
-            self.db.execute("INSERT INTO meta VALUES ('version', ?)", (str(STORE_VERSION),))
-        elif int(row[0]) != STORE_VERSION:
-            raise UserError(f"{path}: store version {row[0]} is not {STORE_VERSION} (no migration known)")
+            raise UserError(f"{self.path}: meta.version: missing (tables {', '.join(sorted(tables))}): a store from "
+                            "before store versions, or not a farm store; left unchanged")
+        if row[0] != str(STORE_VERSION):
+            raise UserError(f"{self.path}: meta.version: store version {row[0]!r} is not {STORE_VERSION} "
+                            "(written by another farm version; no migration known); left unchanged")
+        return False
 
     def close(self) -> None:
         self.db.close()
@@ -98,7 +140,9 @@ class Store:
         return [self.run(i) for i in ids]
 
     def add(self, run_id: str, record: dict, node_id: str | None = None) -> bool:
-        """Store one record; False when this (run, problem, ISA, host) is already stored."""
+        """Store one record; False when this (run, problem, ISA, host) is already stored.
+        A record that is not of this farm's schema is refused (UserError naming the field)."""
+        check_record(record, f"record {problem_key(record['problem']) if _has_problem(record) else ''}".strip())
         record = dict(record, provenance=dict(record["provenance"], run_id=run_id))
         prov, host = record["provenance"], record["host"]
         try:
@@ -134,6 +178,14 @@ class Store:
         return self.db.execute("SELECT COUNT(*) FROM measurements WHERE ?1 IS NULL OR run_id=?1", (run_id,)).fetchone()[0]
 
 
+def _has_problem(record) -> bool:
+    try:
+        problem_key(record["problem"])
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
 def open_store(path: str) -> Store:
     return Store(path)
 
@@ -150,17 +202,17 @@ def read_records(paths: list[str] | None = None, store: str | None = None, run_i
             raise UserError(f"{path}: cannot read ({exc.strerror})") from None
         try:
             data = json.loads(text)
-            records += data if isinstance(data, list) else [data]
+            records += [check_record(r, f"{path}: record {i}") for i, r in enumerate(data if isinstance(data, list) else [data])]
         except json.JSONDecodeError:
             for lineno, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        records.append(check_record(json.loads(line), f"{path}:{lineno}"))
                     except json.JSONDecodeError as exc:
                         raise UserError(f"{path}:{lineno}: not a JSON record ({exc.msg})") from None
     if store:
         if not os.path.exists(store):
             raise UserError(f"{store}: no such store")
         with closing(Store(store)) as db:
-            records += db.records(run_id)
+            records += [check_record(r, f"{store}: record {i}") for i, r in enumerate(db.records(run_id))]
     return records

@@ -134,6 +134,9 @@ def parse_spec(doc, source: str = "spec") -> Spec:
     weights = _choice(_list(doc.get("weights", ["warm"]), f"{source}.weights", str), WEIGHT_MODES, f"{source}.weights")
     proto_raw = dict(doc.get("protocol") or {})
     if "timeout_s" in doc:
+        if proto_raw.get("timeout_s", doc["timeout_s"]) != doc["timeout_s"]:  # two values, neither silently
+            raise UserError(f"{source}.timeout_s: {doc['timeout_s']!r} conflicts with "
+                            f"{source}.protocol.timeout_s: {proto_raw['timeout_s']!r} (give one)")
         proto_raw["timeout_s"] = doc["timeout_s"]
     protocol = Protocol.from_dict(proto_raw, f"{source}.protocol")
     memory_gb = doc.get("worker_memory_gb", 8)
@@ -185,12 +188,32 @@ def parse_spec(doc, source: str = "spec") -> Spec:
     return Spec(name, isas, grid, protocol, unique, float(memory_gb), doc)
 
 
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, (str, int, float, bool, type(None))):
+                    continue  # unhashable keys: SafeLoader's own error below
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_spec(path: str) -> Spec:
     import yaml
 
     try:
         with open(path) as f:
-            doc = yaml.safe_load(f)
+            doc = yaml.load(f, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except OSError as exc:
         raise UserError(f"{path}: cannot read sweep spec ({exc.strerror})") from None
     except yaml.YAMLError as exc:
