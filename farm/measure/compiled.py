@@ -73,7 +73,12 @@ def kernel_summary(sources: list[str]) -> dict:
 
 def compile_candidate(problem: Problem, operands: Operands, candidate: Candidate, cache_dir: str,
                       wrong: bool = False) -> CompiledCandidate:
-    """Compile `candidate` for `problem` in isolation (own code object, own Inductor cache)."""
+    """Compile `candidate` for `problem` in isolation (own code object, own Inductor cache).
+
+    The first process gives each candidate a fresh cache directory (a miss: the lowering runs
+    and its decisions are recorded); a repeat process passes the same directory and hits the
+    FX graph cache, so it compiles little, but records no decisions (INDUCTOR_NOTES): the
+    caller checks a repeat by its generated code and its output instead."""
     from torch._inductor import config
 
     os.makedirs(cache_dir, exist_ok=True)
@@ -82,7 +87,7 @@ def compile_candidate(problem: Problem, operands: Operands, candidate: Candidate
     lowering.register(lowering.Forced(candidate))
     lowering.clear_decisions()
     start = time.perf_counter()
-    with torch.no_grad(), config.patch(freezing=True, force_disable_caches=True):
+    with torch.no_grad(), config.patch(freezing=True, force_disable_caches=False, fx_graph_cache=True):
         fn = torch.compile(module, fullgraph=True, dynamic=False)
         output, sources = _run_and_get_code(fn, operands.x)
     compile_s = time.perf_counter() - start

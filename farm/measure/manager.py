@@ -197,42 +197,96 @@ def check_isa(isa: str | None) -> None:
         raise UserError(f"--isa {isa}: this host is {native} and can run only {', '.join(runnable(native))}")
 
 
+@dataclass
+class ProcessRun:
+    """One independent worker process's timing (the samples of its final attempt)."""
+
+    samples: dict[str, list[float]]
+    iters: dict[str, int]
+    timing_s: float
+    wall_s: float
+    attempts: int
+    compile_s: float
+    host: dict | None
+
+
+def _job(problem: Problem, protocol: Protocol, isa: str | None, owed: list[str], cache_root: str,
+         reuse: dict[str, dict] | None) -> dict:
+    job = {"problem": problem.as_dict(), "protocol": protocol.as_dict(), "isa": isa,
+           "candidates": owed, "cache_root": cache_root}
+    if reuse:  # a repeat: the first process's cache directories, and the code it must find there
+        job["cache_dirs"] = {cid: reuse[cid]["cache_dir"] for cid in owed if reuse[cid].get("cache_dir")}
+        job["expect_code"] = {cid: (reuse[cid].get("kernel") or {}).get("code_sha") for cid in owed}
+    return job
+
+
+def _still_owed(owed: list[str], final: dict[str, dict], repeat: bool) -> list[str]:
+    """The first process owes what has no result yet; a repeat owes what is still ok."""
+    if repeat:
+        return [cid for cid in owed if final[cid]["status"] == "ok"]
+    return [cid for cid in owed if cid not in final]
+
+
+def _run_process(index: int, owed: list[str], final: dict[str, dict], problem: Problem, protocol: Protocol,
+                 isa: str | None, workdir: str) -> ProcessRun:
+    """Run worker process `index` until it finishes; a crash or hang becomes the culprit's status
+    in `final` and a new worker measures the rest. Process 0 compiles afresh and fills `final`;
+    a repeat reuses process 0's cache directories, and any failure there is the candidate's."""
+    repeat, attempts = index > 0, []
+    reuse = {cid: final[cid] for cid in owed} if repeat else None
+    where = f" (repeat process {index})" if repeat else ""
+    while owed:
+        tag = f"p{index}-{len(attempts)}" if repeat else str(len(attempts))
+        job = _job(problem, protocol, isa, owed, os.path.join(workdir, f"inductor-{tag}"), reuse)
+        log_path = os.path.join(workdir, f"worker-{tag}.log")
+        attempt = _run_worker(job, workdir, protocol.timeout_s, log_path)
+        attempts.append(attempt)
+        for cid, result in attempt.compiled.items():
+            if result["status"] != "ok":
+                final[cid] = {**result, "error": f"{result.get('error')}{where}"}
+            elif not repeat and attempt.outcome == "done":
+                final[cid] = result
+        if attempt.outcome == "done":
+            break
+        if attempt.culprit is None:
+            raise RuntimeError(f"measurement worker failed outside any candidate: {attempt.detail}\n{_log_tail(log_path)}")
+        final[attempt.culprit] = {"status": attempt.outcome, "compile_s": None,
+                                  "error": f"{attempt.detail} while running {attempt.culprit}{where}",
+                                  "log_tail": _log_tail(log_path)}
+        owed = _still_owed(owed, final, repeat)
+    last = attempts[-1] if attempts else Attempt()
+    compile_s = sum((r.get("compile_s") or 0.0) for a in attempts for r in a.compiled.values())
+    host = next((a.host for a in reversed(attempts) if a.host), None)
+    return ProcessRun(last.samples, last.iters, last.timing_s, sum(a.wall_s for a in attempts), len(attempts),
+                      compile_s, host)
+
+
 def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = None, isa: str | None = None,
             only: list[str] | None = None, faults: list[str] | None = None, workdir: str | None = None,
             extra: list[str] | None = None) -> dict:
-    """Measure all candidates of `problem`; returns the record (see farm.measure.record)."""
+    """Measure all candidates of `problem` in protocol.processes independent worker processes;
+    returns the record (farm.measure.record)."""
     protocol = protocol or Protocol()
     validate(problem)
     check_isa(isa)
     ids = candidate_ids(problem, grid, only, extra) + [fault_mod.fault_id(kind) for kind in faults or []]
     final: dict[str, dict] = _pre_unsupported(problem, ids, isa)
-    owed = [cid for cid in ids if cid not in final]
     workdir = workdir or tempfile.mkdtemp(prefix="farm-measure-")
-    attempts: list[Attempt] = []
     start = time.perf_counter()
-    while owed:
-        job = {"problem": problem.as_dict(), "protocol": protocol.as_dict(), "isa": isa,
-               "candidates": owed, "cache_root": os.path.join(workdir, f"inductor-{len(attempts)}")}
-        log_path = os.path.join(workdir, f"worker-{len(attempts)}.log")
-        attempt = _run_worker(job, workdir, protocol.timeout_s, log_path)
-        attempts.append(attempt)
-        for cid, result in attempt.compiled.items():
-            if result["status"] != "ok":
-                final[cid] = result
-        if attempt.outcome == "done":
-            for cid, result in attempt.compiled.items():
-                if result["status"] == "ok":
-                    final[cid] = result
+    runs = [_run_process(0, [cid for cid in ids if cid not in final], final, problem, protocol, isa, workdir)]
+    while len(runs) < protocol.processes:
+        ok = [cid for cid in ids if final.get(cid, {}).get("status") == "ok"]
+        if not ok:
             break
-        if attempt.culprit is None:
-            raise RuntimeError(f"measurement worker failed outside any candidate: {attempt.detail}\n{_log_tail(log_path)}")
-        final[attempt.culprit] = {"status": attempt.outcome, "compile_s": None,
-                                  "error": f"{attempt.detail} while running {attempt.culprit}",
-                                  "log_tail": _log_tail(log_path)}
-        owed = [cid for cid in owed if cid not in final]
-    last = attempts[-1] if attempts else Attempt()
-    host = next((a.host for a in reversed(attempts) if a.host), None)
-    worker = {"attempts": len(attempts), "wall_s": time.perf_counter() - start,
-              "worker_wall_s": sum(a.wall_s for a in attempts), "timing_s": last.timing_s,
-              "compile_s": sum((r.get("compile_s") or 0.0) for r in final.values())}
-    return build_record(host, problem, ids, final, last.samples, last.iters, protocol, worker)
+        runs.append(_run_process(len(runs), ok, final, problem, protocol, isa, workdir))
+    host = next((r.host for r in runs if r.host), None)
+    runs = [r for r in runs if r.samples]  # a process whose candidates all failed timed nothing
+    worker = {"attempts": sum(r.attempts for r in runs), "processes": len(runs),
+              "wall_s": time.perf_counter() - start, "worker_wall_s": sum(r.wall_s for r in runs),
+              "timing_s": sum(r.timing_s for r in runs),
+              "compile_s": sum((r.get("compile_s") or 0.0) for r in final.values()),
+              "repeat_compile_s": sum(r.compile_s for r in runs[1:]),
+              "per_process": [{"wall_s": r.wall_s, "timing_s": r.timing_s, "compile_s": r.compile_s,
+                               "attempts": r.attempts} for r in runs]}
+    return build_record(host, problem, ids, final, [r.samples for r in runs], runs[-1].iters if runs else {},
+                        protocol, worker)

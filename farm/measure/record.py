@@ -2,6 +2,9 @@
 
 Record format history (RECORD_SCHEMA_VERSION):
   1  first version: host, problem, candidates with statistics, winner, noise, protocol.
+     Optional additions, readable by every reader of version 1 (issue 11): protocol.weight_state,
+     processes (per worker process: rounds, A/A control, band), candidates[].per_process,
+     A record without them is one process.
 """
 
 from __future__ import annotations
@@ -50,9 +53,12 @@ RECORD_SCHEMA = {
                                "median_us": _number_or_null, "ci95_us": _interval,
                                "speedup_vs_aten": _number_or_null, "speedup_ci95": _interval,
                                "compile_s": _number_or_null, "error": {"type": ["string", "null"]},
-                               "samples_us": {"type": "array", "items": {"type": "number"}}},
+                               "samples_us": {"type": "array", "items": {"type": "number"}},
+                               "per_process": {"type": "array", "items": {
+                                   "type": "object", "required": ["process", "speedup", "speedup_ci95"]}}},
             },
         },
+        "processes": {"type": "array", "items": {"type": "object", "required": ["rounds", "band"]}},
         "winner": {"type": ["string", "null"]},
         "noise": {"type": "object", "required": ["band"]},
         "protocol": {"type": "object", "required": ["rounds"]},
@@ -68,22 +74,39 @@ def validate_record(record: dict) -> None:
     jsonschema.validate(record, RECORD_SCHEMA)
 
 
-def _candidate_entry(cid: str, result: dict, samples: dict[str, list[float]], iters: dict, resamples: int) -> dict:
+Samples = dict[str, list[float]]  # candidate id -> per-round seconds, in one worker process
+
+
+def _speedups(process: Samples, cid: str) -> list[float]:
+    return stats.paired_speedups(process[ATEN], process[cid]) if ATEN in process else []
+
+
+def _process_figures(index: int, process: Samples, cid: str, resamples: int) -> dict:
+    """One process's figures for one candidate (kept in the record: repeats are evidence)."""
+    speedups = _speedups(process, cid)
+    return {"process": index, "rounds": len(process[cid]), "median_us": stats.median(process[cid]) * 1e6,
+            "speedup": stats.median(speedups) if speedups else None,
+            "speedup_ci95": list(stats.bootstrap_ci(speedups, resamples)) if speedups else None}
+
+
+def _candidate_entry(cid: str, result: dict, processes: list[Samples], iters: dict, resamples: int) -> dict:
     entry = {"id": cid, "status": result.get("status", "crash"), "median_us": None, "ci95_us": None,
              "speedup_vs_aten": None, "speedup_ci95": None, "compile_s": result.get("compile_s"),
              "error": result.get("error"), "samples_us": [], "iters_per_sample": iters.get(cid),
              "max_rel_err": result.get("max_rel_err"), "kernel": result.get("kernel")}
     if "log_tail" in result:
         entry["log_tail"] = result["log_tail"]
-    times = samples.get(cid)
-    if entry["status"] != "ok" or not times:
+    timed = [(i, p) for i, p in enumerate(processes) if p.get(cid)]
+    if entry["status"] != "ok" or not timed:
         return entry
-    micro = [t * 1e6 for t in times]
+    # Pooled in process order: samples_us of every candidate stay paired round by round with ATen's.
+    micro = [t * 1e6 for _, p in timed for t in p[cid]]
     entry.update(median_us=stats.median(micro), ci95_us=list(stats.bootstrap_ci(micro, resamples)), samples_us=micro)
-    if ATEN in samples:
-        speedups = stats.paired_speedups(samples[ATEN], times)
+    speedups = [s for _, p in timed for s in _speedups(p, cid)]
+    if speedups:
         entry.update(speedup_vs_aten=stats.median(speedups),
                      speedup_ci95=list(stats.bootstrap_ci(speedups, resamples)))
+    entry["per_process"] = [_process_figures(i, p, cid, resamples) for i, p in timed]
     return entry
 
 
@@ -95,8 +118,32 @@ def _temp_bytes(cid: str, problem: Problem) -> int:
         return 0
 
 
-def choose_winner(entries: list[dict], band: float) -> tuple[str | None, str | None, str]:
-    """(winner, runner-up, rule). A non-default wins only beyond ATen and beyond the A/A noise."""
+def beyond_noise(speedup: float, ci95: list[float] | tuple[float, float], band: float) -> bool:
+    """A lead over ATen: the interval above 1 and the median beyond the A/A band."""
+    return ci95[0] > 1.0 and speedup > 1.0 + band
+
+
+def quorum(processes: int) -> int:
+    """In how many processes a winner must lead: all, or all but one from 5 processes on (among
+    many, one off process is host noise; among fewer, one process is too large a share to ignore)."""
+    return processes - 1 if processes >= 5 else processes
+
+
+def leads_in_processes(leads: list[bool]) -> bool:
+    """The repeat rule: a candidate wins only where it leads beyond the noise in enough processes."""
+    return sum(leads) >= quorum(len(leads))
+
+
+def process_leads(per_process: list[dict], bands: list[float]) -> list[bool]:
+    """Per process: does the candidate lead beyond that process's own A/A band?"""
+    band_of = dict(enumerate(bands))
+    return [p["speedup"] is not None and beyond_noise(p["speedup"], p["speedup_ci95"], band_of.get(p["process"], 0.0))
+            for p in per_process]
+
+
+def choose_winner(entries: list[dict], band: float, bands: list[float] | None = None) -> tuple[str | None, str | None, str]:
+    """(winner, runner-up, rule). A non-default wins only beyond ATen and beyond the A/A noise,
+    pooled and in enough processes (`bands`: each process's A/A band)."""
     ranked = sorted((e for e in entries if e["status"] == "ok" and e["speedup_vs_aten"] is not None
                      and e["id"] != AA_CONTROL), key=lambda e: e["speedup_vs_aten"], reverse=True)
     if not ranked:
@@ -104,21 +151,44 @@ def choose_winner(entries: list[dict], band: float) -> tuple[str | None, str | N
     best, runner = ranked[0], (ranked[1]["id"] if len(ranked) > 1 else None)
     if best["id"] == ATEN:
         return ATEN, runner, "ATen is fastest"
-    if best["speedup_ci95"][0] > 1.0 and best["speedup_vs_aten"] > 1.0 + band:
-        return best["id"], runner, "lead over ATen beyond the interval and the A/A noise band"
-    return ATEN, best["id"], f"{best['id']} leads inside the noise (band {band:.3f}): the default wins"
+    if not beyond_noise(best["speedup_vs_aten"], best["speedup_ci95"], band):
+        return ATEN, best["id"], f"{best['id']} leads inside the noise (band {band:.3f}): the default wins"
+    leads = process_leads(best.get("per_process") or [], bands or [])
+    if leads and not leads_in_processes(leads):
+        return ATEN, best["id"], (f"{best['id']} leads beyond the noise in {sum(leads)} of {len(leads)} processes "
+                                  f"(needs {quorum(len(leads))}): the default wins")
+    return best["id"], runner, "lead over ATen beyond the interval and the A/A noise band" + (
+        f" in {sum(leads)} of {len(leads)} processes" if len(leads) > 1 else "")
+
+
+def _process_noise(processes: list[Samples], resamples: int) -> list[dict]:
+    """Each process's rounds and A/A control (its band decides that process's leads)."""
+    out = []
+    for i, process in enumerate(processes):
+        rounds = len(next(iter(process.values()))) if process else 0
+        row = {"process": i, "rounds": rounds, "aa_speedup": None, "aa_ci95": None, "band": 0.0}
+        if process.get(AA_CONTROL) and ATEN in process:
+            figures = _process_figures(i, process, AA_CONTROL, resamples)
+            row.update(aa_speedup=figures["speedup"], aa_ci95=figures["speedup_ci95"],
+                       band=stats.noise_band(tuple(figures["speedup_ci95"]), figures["speedup"]))
+        out.append(row)
+    return out
 
 
 def build_record(host: dict | None, problem: Problem, ids: list[str], final: dict[str, dict],
-                 samples: dict[str, list[float]], iters: dict[str, int], protocol: Protocol, worker: dict) -> dict:
-    entries = [_candidate_entry(cid, final.get(cid, {"status": "crash", "error": "no result"}), samples, iters,
+                 samples: Samples | list[Samples], iters: dict[str, int], protocol: Protocol, worker: dict) -> dict:
+    """The record of one problem; `samples` is one process's samples or a list, one per process."""
+    processes = samples if isinstance(samples, list) else [samples]
+    entries = [_candidate_entry(cid, final.get(cid, {"status": "crash", "error": "no result"}), processes, iters,
                                 protocol.bootstrap_resamples) for cid in ids]
     for entry in entries:
         entry["temp_bytes"] = _temp_bytes(entry["id"], problem)
     control = next((e for e in entries if e["id"] == AA_CONTROL and e["speedup_ci95"]), None)
     band = stats.noise_band(tuple(control["speedup_ci95"]), control["speedup_vs_aten"]) if control else 0.0
-    winner, runner_up, rule = choose_winner(entries, band)
-    rounds = len(next(iter(samples.values()))) if samples else 0
+    noise_rows = _process_noise(processes, protocol.bootstrap_resamples)
+    winner, runner_up, rule = choose_winner(entries, band, [r["band"] for r in noise_rows])
+    rounds_each = [r["rounds"] for r in noise_rows]
+    rounds = sum(rounds_each)
     return {
         "schema": RECORD_SCHEMA_VERSION,
         "host": host or {},
@@ -127,9 +197,10 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
         "winner": winner,
         "runner_up": runner_up,
         "winner_rule": rule,
+        "processes": noise_rows,
         "noise": {"control": AA_CONTROL, "speedup": control["speedup_vs_aten"] if control else None,
                   "ci95": control["speedup_ci95"] if control else None, "band": band},
-        "protocol": {**protocol.as_dict(), "rounds": rounds, "weights": problem.weights,
+        "protocol": {**protocol.as_dict(), "rounds": rounds, "rounds_per_process": rounds_each, "weights": problem.weights,
                      "weight_state": {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights]},
                      "timer": "time.perf_counter_ns", "order": "shuffled per round", "ratio": "paired per round vs aten"},
         "provenance": {"torch": torch_version(), "template_hash": template_hash(),

@@ -37,6 +37,17 @@ def _status_and_message(exc: BaseException) -> tuple[str, str]:
     return "compile_error", f"{type(root).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
+def _check(error: float, tolerance: float, kernel: dict, expect_code: str | None) -> str | None:
+    """Why a compiled candidate must not be timed, or None. A repeat process hits the FX graph
+    cache, where no lowering runs and no decision is recorded: its generated code must be the
+    first process's (same code hash), so it times the same kernel."""
+    if error > tolerance:
+        return f"max relative error {error:.3g} > tolerance {tolerance}"
+    if expect_code is not None and kernel.get("code_sha") != expect_code:
+        return f"repeat process generated other code ({kernel.get('code_sha')}) than the first ({expect_code})"
+    return None
+
+
 def run(job: dict, emit) -> None:
     import torch
 
@@ -70,15 +81,17 @@ def run(job: dict, emit) -> None:
             if fault:
                 faults.before_compile(fault)
             candidate = parse(ATEN) if fault else parse(cid)
-            cache_dir = os.path.join(job["cache_root"], f"candidate-{index}")
+            # A repeat process reuses the first process's cache directory of this candidate.
+            cache_dir = job.get("cache_dirs", {}).get(cid) or os.path.join(job["cache_root"], f"candidate-{index}")
             compiled = compile_candidate(problem, operands, candidate, cache_dir, wrong=fault == "wrong")
             error = relative_error(compiled.output, reference)
-            ok = error <= TOLERANCE[problem.dtype]
+            why_not = _check(error, TOLERANCE[problem.dtype], compiled.kernel, job.get("expect_code", {}).get(cid))
             result.update(
-                status="ok" if ok else "wrong_result", compile_s=compiled.compile_s, max_rel_err=error,
-                kernel=compiled.kernel, decisions=compiled.decisions,
-                error=None if ok else f"max relative error {error:.3g} > tolerance {TOLERANCE[problem.dtype]}",
+                status="ok" if why_not is None else "wrong_result", compile_s=compiled.compile_s,
+                max_rel_err=error, kernel=compiled.kernel, decisions=compiled.decisions, cache_dir=cache_dir,
+                error=why_not,
             )
+            ok = why_not is None
             if ok:
                 fns[cid] = compiled.fn
         except Exception as exc:  # a failed candidate is data, never the end of the measurement

@@ -16,6 +16,7 @@ from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateEr
 from kernels.table import TABLE_SCHEMA
 
 from farm.measure import stats
+from farm.measure.record import beyond_noise, leads_in_processes, process_leads, quorum
 from farm.measure.store import host_name
 
 # A neighbour M bucket may borrow this entry's winner when it loses at most 3% against its
@@ -36,6 +37,9 @@ class Combined:
     samples: int = 0
     per_host: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # Per worker process of every record that kept them: did it lead beyond that process's noise?
+    # Empty for records of one process written before issue 11 (they decide as before).
+    process_leads: list[bool] = field(default_factory=list)
 
 
 def problem_key(problem: dict) -> tuple:
@@ -80,6 +84,7 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
             pooled[cand["id"]] += speedups
             times[cand["id"]] += cand["samples_us"]
             entry.per_host[_host_name(record)] = stats.median(speedups)
+            entry.process_leads += _record_leads(record, cand)
     for cid, entry in out.items():
         if entry.ok and pooled[cid]:
             entry.speedup = stats.median(pooled[cid])
@@ -92,12 +97,20 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
     return out
 
 
+def _record_leads(record: dict, cand: dict) -> list[bool]:
+    """The candidate's per-process leads in a record of several processes ([] otherwise)."""
+    if not cand.get("per_process") or len(cand["per_process"]) < 2:
+        return []
+    return process_leads(cand["per_process"], [p.get("band", 0.0) for p in record.get("processes") or []])
+
+
 def noise_band(records: list[dict]) -> float:
     return max((r["noise"]["band"] for r in records), default=0.0)
 
 
 def decide(combined: dict[str, Combined], band: float) -> tuple[Combined, Combined | None, str]:
-    """(winner, runner-up, rule) with the same tie rule as a single measurement."""
+    """(winner, runner-up, rule) with the same rule as a single measurement: beyond the pooled
+    interval and A/A band, in enough worker processes."""
     ranked = sorted((c for c in combined.values() if c.ok and c.id != AA_CONTROL), key=lambda c: c.speedup, reverse=True)
     if not ranked or combined.get(ATEN) is None or not combined[ATEN].ok:
         raise ValueError("ATen did not measure ok: no table entry")
@@ -105,9 +118,13 @@ def decide(combined: dict[str, Combined], band: float) -> tuple[Combined, Combin
     runner = ranked[1] if len(ranked) > 1 else None
     if best.id == ATEN:
         return best, runner, "ATen is fastest"
-    if best.ci95[0] > 1.0 and best.speedup > 1.0 + band:
-        return best, runner, "lead beyond the interval and the A/A noise band"
-    return combined[ATEN], best, f"{best.id} leads inside the noise: the default wins"
+    if not beyond_noise(best.speedup, best.ci95, band):
+        return combined[ATEN], best, f"{best.id} leads inside the noise: the default wins"
+    if best.process_leads and not leads_in_processes(best.process_leads):
+        return combined[ATEN], best, (f"{best.id} leads beyond the noise in {sum(best.process_leads)} of "
+                                      f"{len(best.process_leads)} processes (needs {quorum(len(best.process_leads))}): "
+                                      "the default wins")
+    return best, runner, "lead beyond the interval and the A/A noise band"
 
 
 def disagreement(combined: dict[str, Combined], winner: Combined) -> str | None:
