@@ -26,10 +26,11 @@ def test_each_weight_state_is_enforced_and_recorded(weights, quick_protocol):
 # --- fast tier: pure functions over hand-made samples and records ---------------------------
 
 from farm.measure.protocol import Protocol  # noqa: E402
-from farm.measure.record import build_record, choose_winner, leads_in_processes, quorum  # noqa: E402
-from farm.tables.aggregate import combine, decide  # noqa: E402
+from farm.measure.record import aa_gate, build_record, choose_winner, leads_in_processes, quorum  # noqa: E402
+from farm.measure.timing import aa_off, aa_offset  # noqa: E402
+from farm.tables.aggregate import aggregate, combine, decide  # noqa: E402
 
-from tests.tablekit import noisy  # noqa: E402
+from tests.tablekit import noisy, record  # noqa: E402
 
 CAND = "cpp[tf=1,2,1]"
 
@@ -82,6 +83,42 @@ def test_choose_winner_uses_every_process_band():
                {"id": CAND, "status": "ok", "speedup_vs_aten": 1.2, "speedup_ci95": [1.15, 1.25], "per_process": per}]
     assert choose_winner(entries, 0.02, [0.02, 0.02])[0] == CAND
     assert choose_winner(entries, 0.02, [0.02, 0.30])[0] == "aten"  # process 1's noise swallows its lead
+    assert choose_winner(entries, 0.02, [0.02, 0.02], unreliable="A/A off")[0] == "aten"
+
+
+def test_aa_gate_marks_a_record_unreliable_when_the_control_is_off():
+    assert aa_offset((0.97, 1.03)) == 0 and aa_offset((0.701, 0.933)) == pytest.approx(0.067)
+    control = {"speedup_vs_aten": 0.778, "speedup_ci95": [0.701, 0.933], "samples_us": [1.0] * 41}
+    assert "misses 1 by 0.067" in aa_gate(control, 0.02)
+    assert aa_gate({**control, "speedup_ci95": [0.99, 1.01]}, 0.02) is None
+    assert aa_gate(None, 0.02) is None
+    on = {"aten": [1e-4] * 11, "aten~aa": [1e-4] * 11}
+    assert not aa_off(on, 0.02) and aa_off({**on, "aten~aa": [1.3e-4] * 11}, 0.02)
+
+
+def test_an_unreliable_record_never_yields_a_non_default_winner():
+    # The control is 25% off in every process, the candidate 1.5x ahead everywhere.
+    rec = _record_of([_process(100, 66, aa_us=125, seed=s) for s in (0, 10)])
+    assert rec["unreliable"] is True and "A/A control" in rec["unreliable_reason"]
+    assert rec["winner"] == "aten" and rec["runner_up"] == CAND and "unreliable" in rec["winner_rule"]
+    validate_record(rec)
+
+
+def test_an_unreliable_record_never_decides_a_table_entry():
+    from kernels.provenance import template_hash, torch_version
+
+    samples = {"aten": noisy(100), "aten~aa": noisy(100, seed=1), CAND: noisy(60, seed=2)}
+    bad = {**record("h1", "int8", 8, samples), "unreliable": True, "unreliable_reason": "A/A off"}
+    result = aggregate([bad], torch_version(), template_hash())
+    table = next(iter(result.tables.values()))
+    assert table["unreliable_records"] == 1
+    (entry,) = table["entries"]
+    assert entry["winner"] == "aten" and entry["unreliable"] and entry["runner_up"] == CAND
+    # A reliable record of the key decides; the unreliable one is counted, not pooled.
+    good = record("h2", "int8", 8, {"aten": noisy(100, seed=3), "aten~aa": noisy(100, seed=4), CAND: noisy(80, seed=5)})
+    (entry,) = next(iter(aggregate([bad, good], torch_version(), template_hash()).tables.values()))["entries"]
+    assert entry["winner"] == CAND and not entry["unreliable"] and entry["unreliable_records"] == 1
+    assert entry["hosts"] == ["h2"]
 
 
 def test_decide_uses_every_process_of_pooled_records():
@@ -92,6 +129,25 @@ def test_decide_uses_every_process_of_pooled_records():
     assert decide(combined, 0.02)[0].id == "aten"
     combined[CAND].process_leads = []  # an old record without per-process figures: the pooled rule alone
     assert decide(combined, 0.02)[0].id == CAND
+
+
+def test_nightly_remeasures_entries_from_unreliable_records_first():
+    import datetime as dt
+
+    from farm.nightly.driver import select
+    from farm.sweep.spec import parse_spec
+    from kernels.provenance import template_hash, torch_version
+
+    from tests.tablekit import entry, table_doc
+
+    spec = parse_spec({"name": "t", "isa": ["avx512"], "threads": [2],
+                       "problems": [{"model": "tiny", "layers": {"proj": [256, 256]}, "ops": ["int8"], "m": [1, 8]}]})
+    doc = table_doc([entry("int8", "bf16", 1, 256, 256, None, "aten"),
+                     entry("int8", "bf16", 8, 256, 256, None, "aten", unreliable=True)], isa="avx512", threads=2)
+    now = dt.datetime(2026, 11, 27, tzinfo=dt.timezone.utc)
+    chosen = select(spec, {("avx512", 2): doc}, torch_version(), template_hash(), now, 30.0, set())
+    assert chosen[0].measure and "unreliable" in chosen[0].reason and "/m8/" in chosen[0].key
+    assert not chosen[1].measure
 
 
 def test_a_repeat_must_find_the_first_process_code():
@@ -122,3 +178,14 @@ def test_repeat_processes_reuse_the_cache_and_time_the_same_kernels(quick_protoc
     # The kernel summary is the first process's (a repeat's lowering does not run); the repeat's
     # code hash was checked against it, or the candidate would be wrong_result.
     assert cands["cpp"]["kernel"]["template"] and not cands["aten"]["kernel"]["template"]
+
+
+def test_the_gate_asks_for_another_process_only_while_the_control_is_off():
+    from farm.measure.manager import ProcessRun, _control_off
+
+    def run(aa_us):
+        return ProcessRun(_process(100, 80, aa_us=aa_us), {}, 0.1, 1.0, 1, 0.0, None)
+
+    assert not _control_off([run(100), run(100)], 0.02)
+    assert _control_off([run(125), run(125)], 0.02)
+    assert not _control_off([run(125)], 0.5)  # within a wide tolerance

@@ -261,11 +261,23 @@ def _run_process(index: int, owed: list[str], final: dict[str, dict], problem: P
                       compile_s, host)
 
 
+def _control_off(runs: list[ProcessRun], tolerance: float) -> bool:
+    """The A/A gate over all processes so far: paired control ratios pooled across them."""
+    from farm.measure.timing import aa_off
+
+    pooled: dict[str, list[float]] = {ATEN: [], AA_CONTROL: []}
+    for run in runs:
+        if ATEN in run.samples and AA_CONTROL in run.samples:
+            pooled[ATEN] += run.samples[ATEN]
+            pooled[AA_CONTROL] += run.samples[AA_CONTROL]
+    return bool(pooled[ATEN]) and aa_off(pooled, tolerance)
+
+
 def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = None, isa: str | None = None,
             only: list[str] | None = None, faults: list[str] | None = None, workdir: str | None = None,
             extra: list[str] | None = None) -> dict:
-    """Measure all candidates of `problem` in protocol.processes independent worker processes;
-    returns the record (farm.measure.record)."""
+    """Measure all candidates of `problem` in protocol.processes independent worker processes
+    (the A/A gate may add protocol.aa_extra_processes); returns the record (farm.measure.record)."""
     protocol = protocol or Protocol()
     validate(problem)
     check_isa(isa)
@@ -274,7 +286,10 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
     workdir = workdir or tempfile.mkdtemp(prefix="farm-measure-")
     start = time.perf_counter()
     runs = [_run_process(0, [cid for cid in ids if cid not in final], final, problem, protocol, isa, workdir)]
-    while len(runs) < protocol.processes:
+    wanted = protocol.processes
+    while len(runs) < wanted + protocol.aa_extra_processes:
+        if len(runs) >= wanted and not _control_off(runs, protocol.aa_tolerance):
+            break  # the gate's second step: another process only while the control is off
         ok = [cid for cid in ids if final.get(cid, {}).get("status") == "ok"]
         if not ok:
             break

@@ -30,6 +30,11 @@ class Protocol:
     # against 9.0 s), so 2 processes cost 1.5x the wall of one (the bound) and catch the
     # single-process flips seen there; 3 would cost 2x.
     processes: int = 2
+    # The A/A gate: the control's interval may miss 1 by at most this much (2%: the low end of the
+    # A/A noise measured on these hosts, 2-5%); beyond it, measure more, then mark the record unreliable.
+    aa_tolerance: float = 0.02
+    # Extra processes the A/A gate may add after the rounds of every process are spent.
+    aa_extra_processes: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +56,10 @@ class Protocol:
                 raise UserError(f"{where}.{name}: must be a positive number, got {value!r}")
         if not isinstance(proto.processes, int) or isinstance(proto.processes, bool) or proto.processes < 1:
             raise UserError(f"{where}.processes: must be a positive integer, got {proto.processes!r}")
+        if not isinstance(proto.aa_extra_processes, int) or proto.aa_extra_processes < 0:
+            raise UserError(f"{where}.aa_extra_processes: must be an integer >= 0, got {proto.aa_extra_processes!r}")
+        if not isinstance(proto.aa_tolerance, (int, float)) or isinstance(proto.aa_tolerance, bool) or proto.aa_tolerance < 0:
+            raise UserError(f"{where}.aa_tolerance: must be a number >= 0, got {proto.aa_tolerance!r}")
         if proto.max_rounds < proto.min_rounds:
             raise UserError(f"{where}.max_rounds: {proto.max_rounds} is below min_rounds {proto.min_rounds}")
         if proto.min_rounds < 3:

@@ -4,7 +4,7 @@ Record format history (RECORD_SCHEMA_VERSION):
   1  first version: host, problem, candidates with statistics, winner, noise, protocol.
      Optional additions, readable by every reader of version 1 (issue 11): protocol.weight_state,
      processes (per worker process: rounds, A/A control, band), candidates[].per_process,
-     A record without them is one process.
+     unreliable and unreliable_reason (the A/A gate). A record without them is one process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kernels.provenance import template_hash, torch_version
 from farm.measure import stats
 from farm.measure.problem import Problem
 from farm.measure.protocol import Protocol
-from farm.measure.timing import WEIGHT_STATES
+from farm.measure.timing import WEIGHT_STATES, aa_offset
 
 RECORD_SCHEMA_VERSION = 1
 STATUSES = ("ok", "compile_error", "crash", "timeout", "wrong_result", "unsupported")
@@ -59,6 +59,8 @@ RECORD_SCHEMA = {
             },
         },
         "processes": {"type": "array", "items": {"type": "object", "required": ["rounds", "band"]}},
+        "unreliable": {"type": "boolean"},
+        "unreliable_reason": {"type": ["string", "null"]},
         "winner": {"type": ["string", "null"]},
         "noise": {"type": "object", "required": ["band"]},
         "protocol": {"type": "object", "required": ["rounds"]},
@@ -141,9 +143,23 @@ def process_leads(per_process: list[dict], bands: list[float]) -> list[bool]:
             for p in per_process]
 
 
-def choose_winner(entries: list[dict], band: float, bands: list[float] | None = None) -> tuple[str | None, str | None, str]:
+def aa_gate(control: dict | None, tolerance: float) -> str | None:
+    """Why the record is unreliable, or None: the A/A control's interval misses 1 by more than
+    `tolerance` (twice the same kernel measured apart: the other ratios cannot be trusted)."""
+    if control is None or not control.get("speedup_ci95"):
+        return None
+    low, high = control["speedup_ci95"]
+    off = aa_offset((low, high))
+    if off <= tolerance:
+        return None
+    return (f"A/A control {control['speedup_vs_aten']:.3f} [{low:.3f}, {high:.3f}] misses 1 by {off:.3f} "
+            f"(tolerance {tolerance}) after {len(control['samples_us'])} rounds")
+
+
+def choose_winner(entries: list[dict], band: float, bands: list[float] | None = None,
+                  unreliable: str | None = None) -> tuple[str | None, str | None, str]:
     """(winner, runner-up, rule). A non-default wins only beyond ATen and beyond the A/A noise,
-    pooled and in enough processes (`bands`: each process's A/A band)."""
+    pooled and in enough processes (`bands`: each process's A/A band), never in an unreliable record."""
     ranked = sorted((e for e in entries if e["status"] == "ok" and e["speedup_vs_aten"] is not None
                      and e["id"] != AA_CONTROL), key=lambda e: e["speedup_vs_aten"], reverse=True)
     if not ranked:
@@ -151,6 +167,8 @@ def choose_winner(entries: list[dict], band: float, bands: list[float] | None = 
     best, runner = ranked[0], (ranked[1]["id"] if len(ranked) > 1 else None)
     if best["id"] == ATEN:
         return ATEN, runner, "ATen is fastest"
+    if unreliable:
+        return ATEN, best["id"], f"unreliable record ({unreliable}): the default wins"
     if not beyond_noise(best["speedup_vs_aten"], best["speedup_ci95"], band):
         return ATEN, best["id"], f"{best['id']} leads inside the noise (band {band:.3f}): the default wins"
     leads = process_leads(best.get("per_process") or [], bands or [])
@@ -186,7 +204,8 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
     control = next((e for e in entries if e["id"] == AA_CONTROL and e["speedup_ci95"]), None)
     band = stats.noise_band(tuple(control["speedup_ci95"]), control["speedup_vs_aten"]) if control else 0.0
     noise_rows = _process_noise(processes, protocol.bootstrap_resamples)
-    winner, runner_up, rule = choose_winner(entries, band, [r["band"] for r in noise_rows])
+    unreliable = aa_gate(control, protocol.aa_tolerance)
+    winner, runner_up, rule = choose_winner(entries, band, [r["band"] for r in noise_rows], unreliable)
     rounds_each = [r["rounds"] for r in noise_rows]
     rounds = sum(rounds_each)
     return {
@@ -197,6 +216,8 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
         "winner": winner,
         "runner_up": runner_up,
         "winner_rule": rule,
+        "unreliable": unreliable is not None,
+        "unreliable_reason": unreliable,
         "processes": noise_rows,
         "noise": {"control": AA_CONTROL, "speedup": control["speedup_vs_aten"] if control else None,
                   "ci95": control["speedup_ci95"] if control else None, "band": band},

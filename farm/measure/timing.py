@@ -79,6 +79,19 @@ def decided(samples: dict[str, list[float]]) -> bool:
     return not stats.overlap(ranked[0][1], ranked[1][1])
 
 
+def aa_offset(ci: tuple[float, float] | list[float]) -> float:
+    """How far the A/A control's speedup interval lies from 1 (0 when it contains 1)."""
+    return max(ci[0] - 1.0, 1.0 - ci[1], 0.0)
+
+
+def aa_off(samples: dict[str, list[float]], tolerance: float) -> bool:
+    """True when twice the same kernel differ beyond `tolerance`: the rounds so far are suspect."""
+    if ATEN not in samples or AA_CONTROL not in samples:
+        return False
+    speedups = stats.paired_speedups(samples[ATEN], samples[AA_CONTROL])
+    return aa_offset(stats.bootstrap_ci(speedups, resamples=500)) > tolerance
+
+
 def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
                flush: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Per-call seconds for each candidate, one sample per round; the same rounds for all."""
@@ -102,6 +115,7 @@ def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
         rounds += 1
         emit(ev="round", r=rounds, times={cid: samples[cid][-1] for cid in order})
         if rounds >= target:
-            if rounds >= protocol.max_rounds or decided(samples):
+            # More rounds while the top two overlap or the A/A control is off (the gate's first step).
+            if rounds >= protocol.max_rounds or (decided(samples) and not aa_off(samples, protocol.aa_tolerance)):
                 return samples, iters
             target = min(rounds + protocol.extra_rounds_step, protocol.max_rounds)

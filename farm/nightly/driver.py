@@ -89,8 +89,10 @@ def _find(doc: dict | None, key: dict) -> dict | None:
 
 def select(spec: Spec, shipped: dict[tuple[str, int], dict], torch_version: str, template_hash: str,
            now: dt.datetime, max_age_days: float, remeasure: set[str]) -> list[Selection]:
-    """Why each task of the spec is (or is not) measured tonight. Pure."""
+    """Why each task of the spec is (or is not) measured tonight, those whose shipped entry came
+    from unreliable records (the A/A gate) first. Pure."""
     out = []
+    unreliable = "shipped entry came from unreliable records (A/A gate)"
     for task in spec.tasks:
         doc = shipped.get((task.isa, task.problem.threads))
         entry = _find(doc, _entry_key(task))
@@ -100,7 +102,9 @@ def select(spec: Spec, shipped: dict[tuple[str, int], dict], torch_version: str,
         else:
             prov = entry["provenance"]
             age_days = (now - dt.datetime.fromisoformat(prov["measured_at"])).total_seconds() / 86400
-            if task.key in remeasure or f"{task.isa}:{task.key}" in remeasure or entry.get("remeasure"):
+            if entry.get("unreliable"):
+                reason, measure = unreliable, True
+            elif task.key in remeasure or f"{task.isa}:{task.key}" in remeasure or entry.get("remeasure"):
                 reason, measure = "marked for re-measurement", True
             elif prov["torch"] != torch_version:
                 reason, measure = f"torch changed ({prov['torch']} -> {torch_version})", True
@@ -109,7 +113,7 @@ def select(spec: Spec, shipped: dict[tuple[str, int], dict], torch_version: str,
             elif age_days > max_age_days:
                 reason, measure = f"older than {max_age_days:g} days ({age_days:.1f})", True
         out.append(Selection(task.isa, task.key, task.label, measure, reason, entry["winner"] if entry else None))
-    return out
+    return sorted(out, key=lambda s: s.reason != unreliable)  # stable: spec order otherwise
 
 
 def shipped_check(entry: dict, record: dict, min_change: float = DEFAULT_MIN_CHANGE) -> dict:

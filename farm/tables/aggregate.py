@@ -104,13 +104,20 @@ def _record_leads(record: dict, cand: dict) -> list[bool]:
     return process_leads(cand["per_process"], [p.get("band", 0.0) for p in record.get("processes") or []])
 
 
+def reliable_only(records: list[dict]) -> tuple[list[dict], bool]:
+    """(records that decide the key, True when only unreliable ones exist): an unreliable record
+    (A/A gate) never decides a non-ATen entry; it is used only where nothing else was measured."""
+    reliable = [r for r in records if not r.get("unreliable")]
+    return (reliable, False) if reliable else (records, True)
+
+
 def noise_band(records: list[dict]) -> float:
     return max((r["noise"]["band"] for r in records), default=0.0)
 
 
-def decide(combined: dict[str, Combined], band: float) -> tuple[Combined, Combined | None, str]:
+def decide(combined: dict[str, Combined], band: float, unreliable: bool = False) -> tuple[Combined, Combined | None, str]:
     """(winner, runner-up, rule) with the same rule as a single measurement: beyond the pooled
-    interval and A/A band, in enough worker processes."""
+    interval and A/A band, in enough worker processes, never from unreliable records only."""
     ranked = sorted((c for c in combined.values() if c.ok and c.id != AA_CONTROL), key=lambda c: c.speedup, reverse=True)
     if not ranked or combined.get(ATEN) is None or not combined[ATEN].ok:
         raise ValueError("ATen did not measure ok: no table entry")
@@ -118,6 +125,8 @@ def decide(combined: dict[str, Combined], band: float) -> tuple[Combined, Combin
     runner = ranked[1] if len(ranked) > 1 else None
     if best.id == ATEN:
         return best, runner, "ATen is fastest"
+    if unreliable:
+        return combined[ATEN], best, f"{best.id} leads in unreliable records only (A/A gate): the default wins"
     if not beyond_noise(best.speedup, best.ci95, band):
         return combined[ATEN], best, f"{best.id} leads inside the noise: the default wins"
     if best.process_leads and not leads_in_processes(best.process_leads):
@@ -149,10 +158,11 @@ def _choose_weights(records: list[dict], prefer: str) -> list[dict]:
     return [r for r in records if r["problem"]["weights"] == mode]
 
 
-def _entry(key: tuple, records: list[dict], resamples: int) -> tuple[dict, dict[str, Combined]]:
+def _entry(key: tuple, measured: list[dict], resamples: int) -> tuple[dict, dict[str, Combined]]:
+    records, unreliable = reliable_only(measured)
     combined = combine(records, resamples)
     band = noise_band(records)
-    winner, runner, rule = decide(combined, band)
+    winner, runner, rule = decide(combined, band, unreliable)
     op, dtype, m, n, k, group = key
     latest = max(r["provenance"]["measured_at"] for r in records)
     entry = {
@@ -176,6 +186,8 @@ def _entry(key: tuple, records: list[dict], resamples: int) -> tuple[dict, dict[
         "hosts": sorted(winner.per_host),
         "weights": records[0]["problem"]["weights"],
         "disagreement": disagreement(combined, winner),
+        "unreliable": unreliable,
+        "unreliable_records": sum(1 for r in measured if r.get("unreliable")),
         "failed": sorted(c.id for c in combined.values() if not c.ok and c.errors),
         "nearest_m_ok": False,
         "nearest_m_regret": None,
@@ -305,6 +317,8 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
             "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "hosts": hosts,
             "run_ids": sorted({r["provenance"].get("run_id") for r in all_records if r["provenance"].get("run_id")}),
+            # Records the A/A gate marked unreliable: counted, never deciding a non-ATen entry.
+            "unreliable_records": sum(1 for r in all_records if r.get("unreliable")),
             "policy": {"nearest_m_regret_threshold": regret_threshold, "prefer_weights": prefer_weights,
                        "dynamic_m": "the winner when every M bucket agrees and it needs no static blocking, else Inductor"},
             "entries": entries,
