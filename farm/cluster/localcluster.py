@@ -4,10 +4,18 @@ A head with no CPUs (nothing is measured on it; dashboard and Jobs API on 127.0.
 worker nodes started one after another, each with its own temp dir, agent port and a small
 object store: by default an AVX2-emulating node and a native one.
 
+Safe by default: every listener on 127.0.0.1 (Ray's single-machine mode, node.LOOPBACK_ENV), no
+Ray Client server unless a port is asked for, and token auth with a token made for this cluster
+in <state dir>/auth_token (mode 0600), never in ~/.ray. Its nodes get it from their environment;
+drivers from `cluster_env()` / `as_driver()` (`local_cluster()` does it), shells from
+`infra/local-cluster env`, whatever RAY_AUTH_MODE the caller had.
+
 `ray start` daemonizes. Each node's `ray start` runs in a new session, so every process of
 that node (raylet, GCS, dashboard, agents, and the workers the raylet forks later) carries
-that session id; the state file records them and `down` kills exactly those. Never
-`ray stop`: it stops every Ray process on the machine, other people's included.
+that session id; the state file records them and `down` stops exactly those: worker nodes
+first, then the head's raylet, its other processes, and its GCS last (a raylet whose GCS is
+gone waits for it instead of exiting). Never `ray stop`: it stops every Ray process on the
+machine, other people's included.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -27,10 +36,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from farm.errors import UserError
-from farm.cluster.node import NODE_ISAS, apply_driver_env, detect_labels, ray_env, ray_start_command
+from farm.cluster.node import (LOOPBACK_ENV, NODE_ISAS, RAY_ENV, apply_driver_env, detect_labels, ray_env,
+                               ray_process_env, ray_start_command, write_token)
 
 DEFAULT_WORKERS = ("avx2", "native")
 STATE_FILE = "cluster.json"
+TOKEN_FILE = "auth_token"
 STATE_VERSION = 1
 # Records are small; Ray's default object store (30% of RAM per node) would take most of a
 # laptop's memory for three nodes. 200 MB is well above Ray's 75 MB minimum.
@@ -46,8 +57,8 @@ WORKER_PORT_RANGE = range(10002, 20000)
 MAX_STATE_DIR_CHARS = 40
 START_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 60.0
-# gcs_server and the raylet can take seconds to act on SIGTERM; the cluster is disposable.
-TERM_GRACE_S = 3.0
+# Per stop stage: a healthy node's processes exit within about 1.5 s of SIGTERM in the right order.
+TERM_GRACE_S = 5.0
 
 
 @dataclass
@@ -65,6 +76,30 @@ class NodeState:
 
 def default_state_dir() -> str:
     return os.environ.get("FARM_LOCAL_CLUSTER_DIR") or f"/tmp/farm-cluster-{os.getuid()}"
+
+
+def token_path(state_dir: str) -> str:
+    return os.path.join(os.path.abspath(state_dir), TOKEN_FILE)
+
+
+def cluster_env(state_dir: str) -> dict[str, str]:
+    """Environment of every process of the cluster, and of a driver of it (plus RAY_AUTH_TOKEN
+    unset: Ray would prefer it to the token file)."""
+    return {**RAY_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path(state_dir), **LOOPBACK_ENV}
+
+
+def as_driver(state_dir: str):
+    """`with as_driver(state_dir):` this process's `ray.init` / Jobs API calls use the cluster's
+    token and loopback address; the caller's settings come back on exit."""
+    return ray_process_env({**cluster_env(state_dir), "RAY_AUTH_TOKEN": None})
+
+
+def _own_dir(state_dir: str) -> None:
+    """The state dir (it holds the token) exists, is this user's, and only this user's."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    if os.stat(state_dir).st_uid != os.getuid():
+        raise UserError(f"state dir {state_dir} belongs to another user: choose another with --state-dir")
+    os.chmod(state_dir, 0o700)
 
 
 # --- processes (Linux /proc; psutil is not a dependency) -----------------------------------
@@ -204,7 +239,8 @@ def _start_node(node: NodeState, state_dir: str, state: dict, timeout_s: float) 
     os.makedirs(node.temp_dir)
     log = os.path.join(state_dir, f"{node.name}.start.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen(node.command, env=ray_env(node.env), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(node.command, env=ray_env({**node.env, **cluster_env(state_dir)}), stdout=out,
+                                stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         node.session = proc.pid
         state["nodes"].append(node)
@@ -223,28 +259,29 @@ def _start_node(node: NodeState, state_dir: str, state: dict, timeout_s: float) 
 
 
 def _gcs_address(head: NodeState) -> str:
-    """The address the head advertises (Ray resolves 127.0.0.1 to the node's IP anyway)."""
+    """The address the head advertises (127.0.0.1:PORT in single-machine mode)."""
     with open(os.path.join(head.temp_dir, "ray_current_cluster")) as f:
         return f.read().strip()
 
 
 @contextlib.contextmanager
-def _connected(address: str):
-    """`ray.init` as a client of the cluster at `address`, unless this process already is one."""
+def _connected(state: dict):
+    """`ray.init` as a client of the cluster, unless this process already is one."""
     import ray
 
+    address = state["address"]
     if ray.is_initialized():
         if ray.get_runtime_context().gcs_address != address:
             raise UserError(f"this process is connected to another Ray cluster "
                             f"({ray.get_runtime_context().gcs_address}); cannot inspect {address}")
         yield ray
         return
-    apply_driver_env()
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with as_driver(state["state_dir"]):
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def _match_nodes(state: dict, ray_nodes: list[dict]) -> dict[str, dict]:
@@ -260,7 +297,7 @@ def _match_nodes(state: dict, ray_nodes: list[dict]) -> dict[str, dict]:
 
 def _wait_ready(state: dict, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    with _connected(state["address"]) as ray:
+    with _connected(state) as ray:
         while True:
             matched = _match_nodes(state, ray.nodes())
             missing = []
@@ -280,15 +317,17 @@ def _wait_ready(state: dict, timeout_s: float) -> None:
 
 
 def up(workers=DEFAULT_WORKERS, state_dir: str | None = None, *, ready_timeout_s: float = READY_TIMEOUT_S,
-       object_store_bytes: int = OBJECT_STORE_BYTES) -> dict:
+       object_store_bytes: int = OBJECT_STORE_BYTES, client_server_port: int | None = None) -> dict:
     """Start a head and labelled workers (`workers`: "native", "avx2", "avx512", "amx", or a
-    comma-separated string of them). Returns status(); on any failure stops what it started."""
+    comma-separated string of them), with a new token, all on 127.0.0.1; a Ray Client server
+    only with `client_server_port` (another free port if taken). Returns status(); on any
+    failure stops what it started."""
     state_dir = os.path.abspath(state_dir or default_state_dir())
     if len(state_dir) > MAX_STATE_DIR_CHARS:
         raise UserError(f"state dir {state_dir} is {len(state_dir)} characters long: Ray's unix sockets under it "
                         f"would exceed Linux's limit; use one of at most {MAX_STATE_DIR_CHARS}")
     specs = _worker_specs(workers)
-    os.makedirs(state_dir, exist_ok=True)
+    _own_dir(state_dir)
     old = _load(state_dir)
     if old is not None and _live_pids(old):
         raise UserError(f"a local cluster is already up in {state_dir} (GCS {old.get('address')}); "
@@ -296,14 +335,15 @@ def up(workers=DEFAULT_WORKERS, state_dir: str | None = None, *, ready_timeout_s
     started = time.monotonic()
     taken: set[int] = set()
     gcs, dash = _pick_port(GCS_PORT, taken), _pick_port(DASHBOARD_PORT, taken)
-    client = _pick_port(CLIENT_SERVER_PORT, taken)
+    client = None if client_server_port is None else _pick_port(client_server_port, taken)
     state = {"version": STATE_VERSION, "state_dir": state_dir, "address": None,
-             "dashboard": f"http://127.0.0.1:{dash}", "nodes": []}
+             "dashboard": f"http://127.0.0.1:{dash}", "token_file": write_token(token_path(state_dir)),
+             "client_server": None if client is None else f"ray://127.0.0.1:{client}", "nodes": []}
     head_dir = os.path.join(state_dir, "head")
     head = NodeState("head", "head", {}, {}, head_dir, ray_start_command(
         None, {}, head=True, temp_dir=head_dir, object_store_bytes=object_store_bytes, num_cpus=0,
         dashboard_agent_port=_pick_port(AGENT_PORT, taken), port=gcs, dashboard_port=dash,
-        client_server_port=client))
+        client_server_port=client, loopback=True))
     try:
         _start_node(head, state_dir, state, START_TIMEOUT_S)
         state["address"] = _gcs_address(head)
@@ -311,7 +351,7 @@ def up(workers=DEFAULT_WORKERS, state_dir: str | None = None, *, ready_timeout_s
         for name, labels, env in specs:
             temp_dir = os.path.join(state_dir, name)
             cmd = ray_start_command(state["address"], labels, temp_dir=temp_dir, object_store_bytes=object_store_bytes,
-                                    num_cpus=WORKER_CPUS, dashboard_agent_port=_pick_port(None, taken))
+                                    num_cpus=WORKER_CPUS, dashboard_agent_port=_pick_port(None, taken), loopback=True)
             _start_node(NodeState(name, "worker", labels, env, temp_dir, cmd), state_dir, state, START_TIMEOUT_S)
         _wait_ready(state, ready_timeout_s)
         # Processes started after `ray start` returned (e.g. the dashboard's helpers).
@@ -330,26 +370,60 @@ def up(workers=DEFAULT_WORKERS, state_dir: str | None = None, *, ready_timeout_s
 
 
 def down(state_dir: str | None = None) -> dict:
-    """Kill the processes this state dir's cluster started, and nothing else.
+    """Stop the processes this state dir's cluster started, and nothing else, in stages (see the
+    module's docstring): SIGTERM, TERM_GRACE_S to exit, SIGKILL for the rest of that stage.
     Returns {"killed": [pids], "forced": [pids that needed SIGKILL]}."""
     state_dir = os.path.abspath(state_dir or default_state_dir())
     state = _load(state_dir)
     if state is None:
         return {"killed": [], "forced": []}
-    targets: dict[int, int] = {}
-    for node in state["nodes"]:
-        targets.update({pid: start for pid, start in node.pids if _alive(pid, start)})
-        targets.update(_node_processes(node))  # workers forked since `up`
-    for pid in targets:
-        _signal(pid, targets[pid], signal.SIGTERM)
+    killed, forced = [], []
+    for stage in _stop_stages(state):
+        killed += sorted(stage)
+        forced += _stop(stage)
+    for path in (_state_path(state_dir), token_path(state_dir)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return {"killed": sorted(killed), "forced": sorted(forced)}
+
+
+def _stop_stages(state: dict) -> list[dict[int, int]]:
+    """pid -> start time per stage: each worker node (last started first), then the head's
+    raylet, the head's other processes, its GCS. Recomputed now: workers forked since `up`."""
+    stages = []
+    heads = [node for node in state["nodes"] if node.role == "head"]
+    for node in [n for n in state["nodes"] if n.role != "head"][::-1]:
+        stages.append(_live(node))
+    for node in heads:
+        procs = _live(node)
+        raylet = {pid: t for pid, t in procs.items() if _program(pid) == "raylet"}
+        gcs = {pid: t for pid, t in procs.items() if _program(pid) == "gcs_server"}
+        rest = {pid: t for pid, t in procs.items() if pid not in raylet and pid not in gcs}
+        stages += [raylet, rest, gcs]
+    return [stage for stage in stages if stage]
+
+
+def _live(node: NodeState) -> dict[int, int]:
+    procs = {pid: start for pid, start in node.pids if _alive(pid, start)}
+    procs.update(_node_processes(node))
+    return procs
+
+
+def _program(pid: int) -> str:
+    return os.path.basename(_cmdline(pid).split(" ", 1)[0])
+
+
+def _stop(targets: dict[int, int]) -> list[int]:
+    """SIGTERM, then SIGKILL what is left after TERM_GRACE_S; returns the pids that needed it."""
+    for pid, start in targets.items():
+        _signal(pid, start, signal.SIGTERM)
     remaining = _wait_gone(targets, TERM_GRACE_S)
     for pid in remaining:
         _signal(pid, targets[pid], signal.SIGKILL)
     still = _wait_gone({pid: targets[pid] for pid in remaining}, TERM_GRACE_S)
     if still:
         raise UserError(f"processes {sorted(still)} of the local cluster survived SIGKILL")
-    os.remove(_state_path(state_dir))
-    return {"killed": sorted(targets), "forced": sorted(remaining)}
+    return remaining
 
 
 def _signal(pid: int, start: int, sig: int) -> None:
@@ -364,20 +438,22 @@ def _wait_gone(targets: dict[int, int], timeout_s: float) -> list[int]:
         alive = [pid for pid, start in targets.items() if _alive(pid, start)]
         if not alive or time.monotonic() > deadline:
             return alive
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 # --- status -----------------------------------------------------------------------------------
 
 
 def status(state_dir: str | None = None) -> dict:
-    """{"running", "state_dir", "address", "dashboard", "nodes": [{name, role, node_id, alive,
-    labels, cpus, processes}]}; running is False (and nodes empty) when nothing is up."""
+    """{"running", "state_dir", "address", "dashboard", "token_file", "client_server", "env" (a
+    driver's: cluster_env), "nodes": [{name, role, node_id, alive, labels, cpus, processes}]};
+    running is False (and nodes empty) when nothing is up."""
     state_dir = os.path.abspath(state_dir or default_state_dir())
     state = _load(state_dir)
     if state is None or not state.get("address") or not _live_pids(state):
-        return {"running": False, "state_dir": state_dir, "address": None, "dashboard": None, "nodes": []}
-    with _connected(state["address"]) as ray:
+        return {"running": False, "state_dir": state_dir, "address": None, "dashboard": None, "token_file": None,
+                "client_server": None, "env": {}, "nodes": []}
+    with _connected(state) as ray:
         matched = _match_nodes(state, ray.nodes())
     nodes = []
     for node in state["nodes"]:
@@ -388,20 +464,23 @@ def status(state_dir: str | None = None) -> dict:
                       "cpus": entry.get("Resources", {}).get("CPU", 0), "env": node.env,
                       "processes": sum(_alive(pid, start) for pid, start in node.pids)})
     return {"running": True, "state_dir": state_dir, "address": state["address"], "dashboard": state["dashboard"],
-            "start_seconds": state.get("start_seconds"), "nodes": nodes}
+            "token_file": state.get("token_file"), "client_server": state.get("client_server"),
+            "env": cluster_env(state_dir), "start_seconds": state.get("start_seconds"), "nodes": nodes}
 
 
 @contextlib.contextmanager
 def local_cluster(workers=DEFAULT_WORKERS, state_dir: str | None = None, **kwargs):
     """`with local_cluster() as info:` up on entry, down on exit; a temporary state dir
-    (removed afterwards) unless one is given. Also sets the driver's Ray environment."""
+    (removed afterwards) unless one is given. Inside, this process is a driver of the cluster
+    (`as_driver`: its token, loopback); info["env"] is the same for driver subprocesses."""
     own_dir = state_dir is None
     state_dir = state_dir or tempfile.mkdtemp(prefix="farm-lc-", dir="/tmp")
     try:
         info = up(workers, state_dir, **kwargs)
         apply_driver_env()
         try:
-            yield info
+            with as_driver(state_dir):
+                yield info
         finally:
             down(state_dir)
     finally:
@@ -416,8 +495,11 @@ def _print_status(info: dict) -> None:
     if not info["running"]:
         print(f"no local cluster is up in {info['state_dir']}")
         return
-    print(f"GCS address  {info['address']}    (ray.init(address=...), farm worker --address ...)")
+    print(f"GCS address  {info['address']}    (loopback only; drivers: eval \"$(infra/local-cluster env)\")")
     print(f"dashboard    {info['dashboard']}    (Jobs API: RAY_API_SERVER_ADDRESS={info['dashboard']})")
+    print(f"token        {info['token_file']}    (token auth: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=...)")
+    if info.get("client_server"):
+        print(f"Ray Client   {info['client_server']}")
     print(f"state dir    {info['state_dir']}")
     for node in info["nodes"]:
         labels = ",".join(f"{k}={v}" for k, v in sorted(node["labels"].items())) or "-"
@@ -426,28 +508,49 @@ def _print_status(info: dict) -> None:
               f"{node['node_id'][:12]:12} {labels} {env}".rstrip())
 
 
+def _print_env(state_dir: str) -> int:
+    """Shell lines that make `ray job submit`, `ray.init()` and `farm sweep --address` use the cluster."""
+    state = _load(state_dir)
+    if state is None or not state.get("address"):
+        print(f"no local cluster is up in {state_dir}", file=sys.stderr)
+        return 1
+    env = {**cluster_env(state_dir), "RAY_ADDRESS": state["address"], "RAY_API_SERVER_ADDRESS": state["dashboard"]}
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
+    print("unset RAY_AUTH_TOKEN")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="local-cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", default=None, help=f"default: $FARM_LOCAL_CLUSTER_DIR or {default_state_dir()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("up", help="start a head and labelled worker nodes")
+    p = sub.add_parser("up", help="start a head and labelled worker nodes (token auth, on 127.0.0.1)")
     p.add_argument("--workers", default=",".join(DEFAULT_WORKERS),
                    help="comma-separated: native, avx2 (emulated on AVX512 hosts), avx512, amx (default %(default)s)")
+    p.add_argument("--ray-client-server-port", type=int, default=None,
+                   help=f"also start a Ray Client server on 127.0.0.1 (e.g. {CLIENT_SERVER_PORT}); default: none")
     p.add_argument("--state-dir", default=argparse.SUPPRESS)
     p = sub.add_parser("down", help="stop the processes `up` started (never `ray stop`)")
     p.add_argument("--state-dir", default=argparse.SUPPRESS)
-    p = sub.add_parser("status", help="nodes, labels, liveness and the dashboard address")
+    p = sub.add_parser("status", help="nodes, labels, liveness, the dashboard address and the token file")
+    p.add_argument("--state-dir", default=argparse.SUPPRESS)
+    p = sub.add_parser("env", help="print `export` lines for a shell that drives the cluster (eval \"$(... env)\")")
     p.add_argument("--state-dir", default=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            info = up(args.workers, args.state_dir)
+            info = up(args.workers, args.state_dir, client_server_port=args.ray_client_server_port)
             _print_status(info)
             print(f"up in {info['start_seconds']} s; stop it with: infra/local-cluster down")
         elif args.command == "down":
+            started = time.monotonic()
             result = down(args.state_dir)
-            print(f"stopped {len(result['killed'])} processes ({len(result['forced'])} needed SIGKILL)")
+            print(f"stopped {len(result['killed'])} processes in {time.monotonic() - started:.1f} s "
+                  f"({len(result['forced'])} needed SIGKILL)")
+        elif args.command == "env":
+            return _print_env(os.path.abspath(args.state_dir or default_state_dir()))
         else:
             info = status(args.state_dir)
             _print_status(info)

@@ -46,14 +46,27 @@ def unpack(logs: str, out: str) -> int | None:
     return int(match.group(2))
 
 
+def job_client(dashboard: str, token_file: str | None = None):
+    """A Jobs API client of the cluster at `dashboard`. With `token_file` (a local cluster's
+    auth_token, a copy of a head's) its token goes in every request, whatever this process's
+    RAY_AUTH_MODE; without, Ray sends the token of its environment in token mode."""
+    from ray.job_submission import JobSubmissionClient
+
+    if token_file is None:
+        return JobSubmissionClient(dashboard)
+    from farm.cluster.node import read_token
+
+    return JobSubmissionClient(dashboard, headers={"Authorization": f"Bearer {read_token(token_file)}"})
+
+
 def submit_and_fetch(dashboard: str, module: str, args: list[str], out: str, working_dir: str,
-                     timeout_s: float = 6 * 3600) -> int:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+                     timeout_s: float = 6 * 3600, token_file: str | None = None) -> int:
+    from ray.job_submission import JobStatus
 
     remote_out = f"/tmp/kernel-farm-job-{uuid.uuid4().hex[:8]}"
     command = " ".join(shlex.quote(a) for a in ["python", "-m", module, *args, "--out", remote_out])
     entrypoint = f"{command}; rc=$?; python -m farm.cluster.relay {shlex.quote(remote_out)} $rc; exit $rc"
-    client = JobSubmissionClient(dashboard)
+    client = job_client(dashboard, token_file)
     job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": working_dir})
     deadline = time.time() + timeout_s
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):

@@ -41,8 +41,11 @@ def connected(address: str | None, isas: list[str]):
     """Connect to a cluster, or start an embedded local one serving `isas` for this run."""
     import ray
 
-    apply_driver_env()  # auth, usage stats, bounded out-of-memory retries (DESIGN.md traps)
+    from farm.cluster.node import check_driver_auth
+
+    apply_driver_env()  # usage stats, bounded out-of-memory retries (DESIGN.md traps); auth is the cluster's
     if address:
+        check_driver_auth(address)  # a head that refuses our token: say so now, not after Ray's retries
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         try:
             yield
