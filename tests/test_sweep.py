@@ -75,14 +75,16 @@ def test_smoke_sized_sweep_places_every_task_on_its_class_and_writes_every_table
 
 @pytest.mark.slow
 def test_sweep_through_the_jobs_api(mixed_cluster, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
+
+    from farm.cluster.relay import job_client
 
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(_spec(isa=["avx2"], problems=[dict(TINY["problems"][0], m=[8])])))
-    client = JobSubmissionClient(mixed_cluster["dashboard"])
+    client = job_client(mixed_cluster["dashboard"], mixed_cluster["token_file"])  # the cluster's own token
     job = client.submit_job(
         entrypoint=f"python -m jobs.sweep {spec_path} --store {tmp_path / 'job.db'} --out {tmp_path / 'tables'}",
-        runtime_env={"working_dir": ROOT, "env_vars": {"RAY_AUTH_MODE": "disabled"}},
+        runtime_env={"working_dir": ROOT},
     )
     deadline = time.time() + 240
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):

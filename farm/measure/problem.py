@@ -64,8 +64,8 @@ def validate(p: Problem, where: str = "problem") -> Problem:
             raise UserError(f"{where}.group_size: int4 needs a group size of 32, 64, 128 or 256, got {p.group_size!r}")
         if p.k % p.group_size:
             raise UserError(f"{where}.k: K={p.k} is not divisible by the group size {p.group_size}")
-        if p.n % 8 or p.k % 2:
-            raise UserError(f"{where}.n/k: int4 packing needs N divisible by 8 and K even (N={p.n}, K={p.k})")
+        if p.n % 16 or p.k % 2:  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+            raise UserError(f"{where}.n/k: int4 packing needs N divisible by 16 and K even (N={p.n}, K={p.k})")
     elif p.group_size is not None:
         raise UserError(f"{where}.group_size: only int4 takes a group size (op is {p.op})")
     return p

@@ -165,7 +165,7 @@ def layers(model: str | ModelDims, fused: bool = False) -> list[Layer]:
 
 def plan(model: str | ModelDims, ms=DEFAULT_MS, ops=("int8", "int4"), dtype: str = "bf16",
          group_size: int | None = 128, threads: int = 2, fused: bool = False) -> Plan:
-    """Every (layer, op, M) problem; layers an op cannot quantize (int4: K % group, N % 8) are skipped."""
+    """Every (layer, op, M) problem; layers an op cannot quantize (int4: K % group, N % 16) are skipped."""
     dims = resolve(model)
     found = layers(dims, fused)
     planned, skipped = [], []
