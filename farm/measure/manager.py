@@ -92,7 +92,10 @@ def _signal_name(code: int) -> str:
     return f"exit code {code}"
 
 
-def _run_worker(job: dict, workdir: str, timeout_s: float, log_path: str) -> Attempt:
+def _run_worker(job: dict, workdir: str, timeout_s: float, log_path: str, process: int = 0) -> Attempt:
+    """One worker process, its events read until it finishes, crashes or hangs. A repeat's events
+    (process > 0) go to the phase log as "p<process>:<event>": the plain names stay the first
+    process's, which compiles and checks every candidate."""
     job_path = os.path.join(workdir, "job.json")
     with open(job_path, "w") as f:
         json.dump(job, f)
@@ -123,7 +126,7 @@ def _run_worker(job: dict, workdir: str, timeout_s: float, log_path: str) -> Att
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 event = json.loads(line)
-                _log_phase(event, start)
+                _log_phase(event if not process else {**event, "ev": f"p{process}:{event['ev']}"}, start)
                 if event["ev"] == "done":
                     finished = True
                     break
@@ -239,7 +242,7 @@ def _run_process(index: int, owed: list[str], final: dict[str, dict], problem: P
         tag = f"p{index}-{len(attempts)}" if repeat else str(len(attempts))
         job = _job(problem, protocol, isa, owed, os.path.join(workdir, f"inductor-{tag}"), reuse)
         log_path = os.path.join(workdir, f"worker-{tag}.log")
-        attempt = _run_worker(job, workdir, protocol.timeout_s, log_path)
+        attempt = _run_worker(job, workdir, protocol.timeout_s, log_path, index)
         attempts.append(attempt)
         for cid, result in attempt.compiled.items():
             if result["status"] != "ok":
@@ -295,8 +298,10 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
             break
         runs.append(_run_process(len(runs), ok, final, problem, protocol, isa, workdir))
     host = next((r.host for r in runs if r.host), None)
+    # attempts: workers started until every candidate was compiled and timed once (the first process).
+    attempts, repeat_attempts = runs[0].attempts, sum(r.attempts for r in runs[1:])
     runs = [r for r in runs if r.samples]  # a process whose candidates all failed timed nothing
-    worker = {"attempts": sum(r.attempts for r in runs), "processes": len(runs),
+    worker = {"attempts": attempts, "processes": len(runs), "repeat_attempts": repeat_attempts,
               "wall_s": time.perf_counter() - start, "worker_wall_s": sum(r.wall_s for r in runs),
               "timing_s": sum(r.timing_s for r in runs),
               "compile_s": sum((r.get("compile_s") or 0.0) for r in final.values()),
