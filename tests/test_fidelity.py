@@ -189,3 +189,25 @@ def test_the_gate_asks_for_another_process_only_while_the_control_is_off():
     assert not _control_off([run(100), run(100)], 0.02)
     assert _control_off([run(125), run(125)], 0.02)
     assert not _control_off([run(125)], 0.5)  # within a wide tolerance
+
+
+def test_fidelity_report_counts_agreement_on_claimed_keys_only():
+    from farm.bench.fidelity import report
+
+    def rec(m, winner, aa_ci=(0.98, 1.02), unreliable=False):
+        r = record("h1", "int8", m, {"aten": [100.0] * 5, "aten~aa": [100.0] * 5, CAND: [80.0] * 5})
+        r.update(winner=winner, unreliable=unreliable, worker={"wall_s": 10.0, "timing_s": 2.0, "processes": 2})
+        r["candidates"][1].update(speedup_ci95=list(aa_ci), speedup_vs_aten=1.0)
+        r["candidates"][2].update(speedup_vs_aten=1.25, per_process=[{"process": 0, "speedup": 1.2}, {"process": 1, "speedup": 1.3}])
+        r["candidates"][0]["per_process"] = [{"process": 0, "median_us": 100.0}, {"process": 1, "median_us": 120.0}]
+        return r
+
+    runs = [[rec(1, CAND), rec(8, "aten"), rec(32, CAND)],
+            [rec(1, CAND), rec(8, "aten", aa_ci=(0.9, 0.95), unreliable=True), rec(32, "aten")]]
+    rep = report(runs)
+    assert rep["agreement"]["claimed_keys"] == 2 and rep["agreement"]["agree"] == 1  # m=8 claims nothing
+    assert rep["agreement"]["agreement"] == 0.5 and rep["agreement"]["all_keys_agree"] == 2
+    assert rep["aa"]["control_holds_1"] == 5 and rep["aa"]["with_control"] == 6 and rep["aa"]["unreliable"] == 1
+    row = next(v for k, v in rep["spread"].items() if "/m1/" in k)
+    assert row["aten_spread"] == pytest.approx(0.2) and row["best"] == CAND and row["processes"] == 4
+    assert rep["cost"]["timing_share"] == pytest.approx(0.2)
