@@ -11,5 +11,7 @@ from farm.measure.protocol import Protocol  # noqa: E402
 
 @pytest.fixture
 def quick_protocol() -> Protocol:
-    """Few, short rounds: tests check behaviour, benchmarks check speed."""
-    return Protocol(min_rounds=3, max_rounds=5, extra_rounds_step=2, batch_s=0.002, warmup_s=0.01, timeout_s=120)
+    """Few, short rounds in one process: tests check behaviour, benchmarks check speed (the
+    tests of repeats ask for more processes themselves)."""
+    return Protocol(min_rounds=3, max_rounds=5, extra_rounds_step=2, batch_s=0.002, warmup_s=0.01, timeout_s=120,
+                    processes=1)

@@ -23,7 +23,8 @@ ROWS = 2 * len(SERVED)
 SPEC = {
     "name": "nightly-tiny", "isa": SERVED, "threads": [2], "space": "minimal", "weights": ["warm"],
     "timeout_s": 120, "worker_memory_gb": 2,
-    "protocol": {"min_rounds": 5, "max_rounds": 9, "extra_rounds_step": 4, "batch_s": 0.003, "warmup_s": 0.01},
+    "protocol": {"min_rounds": 5, "max_rounds": 9, "extra_rounds_step": 4, "batch_s": 0.003, "warmup_s": 0.01,
+                 "processes": 1},
     "problems": [{"model": "t", "layers": {"p": [256, 512]}, "ops": ["int8"], "dtypes": ["bf16"], "m": [1, 32]}],
 }
 

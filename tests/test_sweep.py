@@ -27,7 +27,8 @@ MISSING = next(isa for isa in ("amx", "avx512") if isa not in SERVED)  # a class
 TINY = {
     "name": "tiny", "isa": SERVED, "threads": [2], "space": "minimal", "weights": ["warm"],
     "timeout_s": 120, "worker_memory_gb": 2,
-    "protocol": {"min_rounds": 3, "max_rounds": 5, "extra_rounds_step": 2, "batch_s": 0.002, "warmup_s": 0.01},
+    "protocol": {"min_rounds": 3, "max_rounds": 5, "extra_rounds_step": 2, "batch_s": 0.002, "warmup_s": 0.01,
+                 "processes": 1},
     "problems": [{"model": "t", "layers": {"p": [256, 256]}, "ops": ["int8"], "dtypes": ["bf16"], "m": [1, 32]}],
 }
 
