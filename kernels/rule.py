@@ -47,6 +47,12 @@ class Node:
 class Rule:
     nodes: tuple[Node, ...]
     validation: dict
+    # (op, activation dtype) pairs it was trained on: it answers for nothing else, as
+    # AutoHeuristic's generated heuristics check their preconditions before answering.
+    domain: frozenset[tuple[str, str]] = frozenset()
+
+    def covers(self, op: str, dtype: str) -> bool:
+        return (op, dtype) in self.domain
 
 
 def features(op: str, dtype: str, m: int, n: int, k: int, group_size: int | None) -> dict[str, float]:
@@ -140,4 +146,17 @@ def parse_rule(raw, where: str, threads: int) -> Rule | None:
     validation = raw.get("validation", {})
     if not isinstance(validation, dict):
         raise RuleError(f"{where}.validation: expected a mapping")
-    return Rule(tuple(nodes), validation)
+    return Rule(tuple(nodes), validation, _domain(raw.get("domain"), f"{where}.domain"))
+
+
+def _domain(raw, where: str) -> frozenset[tuple[str, str]]:
+    from .candidates import DTYPES, OPS
+
+    if not isinstance(raw, list) or not raw:
+        raise RuleError(f"{where}: expected a non-empty list of [op, dtype] pairs, got {raw!r}"[:200])
+    pairs = set()
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and item[0] in OPS and item[1] in DTYPES):
+            raise RuleError(f"{where}: {item!r} is not an [op, dtype] pair of {OPS} x {DTYPES}"[:200])
+        pairs.add((item[0], item[1]))
+    return frozenset(pairs)

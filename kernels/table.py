@@ -228,6 +228,8 @@ def _by_rule(table: Table, op: str, dtype: str, m: int | None, n: int, k: int, g
              why_not_entries: str) -> tuple[Candidate | None, str, str]:
     if table.rule is None or m is None:  # the rule's features need a static M
         return None, "inductor", why_not_entries
+    if not table.rule.covers(op, dtype):
+        return None, "inductor", f"{why_not_entries}; the rule was not trained on {op} x {dtype}"
     candidate, path = predict(table.rule, features(op, dtype, m, n, k, group_size))
     if candidate is None:
         return None, "inductor", f"{why_not_entries}; the rule is unsure here ({path})"

@@ -18,8 +18,8 @@ from tablekit import entry, noisy, record, table_doc
 THREADS = 2
 
 
-def _rule(nodes):
-    return {"features": list(FEATURES), "nodes": nodes, "validation": {}}
+def _rule(nodes, domain=(("int8", "bf16"),)):
+    return {"features": list(FEATURES), "nodes": nodes, "validation": {}, "domain": [list(d) for d in domain]}
 
 
 # Decode (M <= 16) -> cpp; prefill -> unsure.
@@ -58,6 +58,8 @@ BAD_RULES = {
     "wrong feature list": ({**TREE, "features": ["log2_m"]}, "features: expected"),
     "empty nodes": (_rule([]), "nodes: expected a list"),
     "unreachable node": (_rule([{"leaf": "aten"}, {"leaf": "aten"}]), "not reachable"),
+    "no domain": ({**TREE, "domain": []}, "domain: expected a non-empty list"),
+    "bad domain": (_rule([{"leaf": "aten"}], domain=(("int3", "bf16"),)), "is not an [op, dtype] pair"),
 }
 
 
@@ -97,6 +99,9 @@ def test_lookup_order_exact_then_nearest_m_then_rule_then_inductor(tmp_path):
     candidate, source, note = lookup(table, "int8", "bf16", 512, 1024, 3072, None)
     assert (candidate, source) == (None, "inductor") and "rule is unsure" in note
     assert lookup(table, "int8", "bf16", None, 1024, 3072, None)[:2] == (None, "inductor")  # dynamic M: no rule
+    # Outside the rule's domain (it was trained on int8 x bf16 only): Inductor, saying why.
+    candidate, source, note = lookup(table, "int4", "bf16", 1, 1024, 3072, 128)
+    assert (candidate, source) == (None, "inductor") and "not trained on int4 x bf16" in note
 
 
 # --- training and validation (farm side) ---------------------------------------------------------
@@ -146,6 +151,7 @@ def test_aggregate_ships_a_validated_rule_in_the_table_and_it_loads():
     v = doc["rule"]["validation"]
     assert v["losses_vs_default"] == 0 and v["families"] == ["Llama", "Qwen"] and v["decided"] > 0
     rule = parse_rule(doc["rule"], "rule", 2)
+    assert doc["rule"]["domain"] == [["int8", "bf16"]] and rule.covers("int8", "bf16") and not rule.covers("int4", "bf16")
     assert predict(rule, features("int8", "bf16", 4, 3072, 2048, None))[0] == parse("cpp")
     assert predict(rule, features("int8", "bf16", 256, 3072, 2048, None))[0] in (parse("aten"), None)
 

@@ -173,7 +173,9 @@ def build_rule(by_key: dict[tuple, list[dict]], depths: tuple[int, ...] = DEPTHS
         validation = validate(samples, depth)
         if validation["losses_vs_default"] == 0 and validation["decided"]:
             nodes = train(samples, depth)
+            domain = sorted({(s.key[0], s.key[1]) for s in samples})  # (op, dtype): it answers for nothing else
             return {"features": list(FEATURES), "nodes": nodes, "validation": {**validation, "depth": depth},
+                    "domain": [list(pair) for pair in domain],
                     "trained_on": {"problems": len(samples), "families": sorted(families)}}, f"validated at depth {depth}"
         tried.append(f"depth {depth}: {validation['losses_vs_default']} held-out loss(es), {validation['decided']} decided")
     return None, "not shipped: " + "; ".join(tried)
