@@ -30,7 +30,7 @@ from farm.measure.record import aa_gate, build_record, choose_winner, leads_in_p
 from farm.measure.timing import aa_off, aa_offset  # noqa: E402
 from farm.tables.aggregate import aggregate, combine, decide  # noqa: E402
 
-from tests.tablekit import noisy, record  # noqa: E402
+from tablekit import noisy, record  # noqa: E402
 
 CAND = "cpp[tf=1,2,1]"
 
