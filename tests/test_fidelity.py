@@ -138,7 +138,7 @@ def test_nightly_remeasures_entries_from_unreliable_records_first():
     from farm.sweep.spec import parse_spec
     from kernels.provenance import template_hash, torch_version
 
-    from tests.tablekit import entry, table_doc
+    from tablekit import entry, table_doc
 
     spec = parse_spec({"name": "t", "isa": ["avx512"], "threads": [2],
                        "problems": [{"model": "tiny", "layers": {"proj": [256, 256]}, "ops": ["int8"], "m": [1, 8]}]})
