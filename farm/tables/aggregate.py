@@ -305,7 +305,7 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
             for r in chosen:
                 hosts[_host_name(r)] = {"cpu": r["host"].get("cpu"), "emulated": r["host"].get("emulated"), "cores": r["host"].get("cores")}
         _mark_nearest_m(entries, combined, regret_threshold)
-        rule, rule_status = build_rule(used)
+        rule, rule_status = build_rule(used, combined)  # the entries' own statistics, not computed again
         all_records = [r for rs in by_key.values() for r in rs]
         tables[(isa, threads)] = {
             "schema": TABLE_SCHEMA,

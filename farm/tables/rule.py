@@ -61,14 +61,14 @@ def family_of(label: str | None) -> str:
     return match.group(0) if match else "unknown"
 
 
-def samples_from(by_key: dict[tuple, list[dict]]) -> list[Sample]:
-    """One sample per key, pooling its records (the same statistics as the table entries)."""
-    from farm.tables.aggregate import combine, noise_band
+def samples_from(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict]) -> list[Sample]:
+    """One sample per key: the statistics its table entry was decided on (`combined`, from
+    farm.tables.aggregate; keys without an entry have no ATen baseline and are left out)."""
+    from farm.tables.aggregate import noise_band
 
     out = []
     for key, records in sorted(by_key.items(), key=lambda kv: str(kv[0])):
-        combined = combine(records, resamples=200)
-        speedups = {cid: c.speedup for cid, c in combined.items() if c.ok and cid != AA_CONTROL}
+        speedups = {cid: c.speedup for cid, c in combined.get(key, {}).items() if c.ok and cid != AA_CONTROL}
         if ATEN not in speedups:
             continue
         op, dtype, m, n, k, group = key
@@ -161,10 +161,11 @@ def validate(samples: list[Sample], depth: int = DEFAULT_DEPTH) -> dict:
     }
 
 
-def build_rule(by_key: dict[tuple, list[dict]], depths: tuple[int, ...] = DEPTHS) -> tuple[dict | None, str]:
+def build_rule(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict],
+               depths: tuple[int, ...] = DEPTHS) -> tuple[dict | None, str]:
     """(the table's `rule` field or None, why). Ships the deepest rule that, validated on
     held-out families, never lost to the default beyond noise."""
-    samples = samples_from(by_key)
+    samples = samples_from(by_key, combined)
     families = {s.family for s in samples}
     if len(families) < MIN_FAMILIES:
         return None, f"records of {len(families)} model family(ies): a rule needs {MIN_FAMILIES} to be validated"
