@@ -109,9 +109,12 @@ def run(job: dict, emit) -> None:
 
 
 def _unnice() -> None:
-    """Time at the normal priority where allowed: Ray starts its workers at niceness 15, and a
-    measurement at 15 loses its core to any ordinary process of a shared host mid-round. The
+    """Time at the normal priority where allowed when Ray chose the priority: Ray starts its
+    workers at niceness 15, and a measurement at 15 loses its core to any ordinary process of a
+    shared host mid-round. A niceness the user chose (`nice farm measure ...`) is kept. The
     record's host profile says which niceness the timing ran at."""
+    if "RAY_RAYLET_PID" not in os.environ:  # not under a Ray worker
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, 0, 0)
     except OSError:
