@@ -1,12 +1,13 @@
 """kernel-farm's compile-time side: tuned lowerings for Inductor's weight-only-quantized matmuls.
 
     import kernels
-    kernels.install()                 # this host's ISA class and thread count -> shipped table
+    kernels.install()                 # the shipped tables of this host's ISA class, one per thread count
     model = torch.compile(model)      # table winners, no benchmarking at compile time
 
-Environment: KERNEL_FARM_TABLE=/path/to/table.yaml uses that table; KERNEL_FARM_TABLE=off
-disables the farm (Inductor's own lowerings). A missing, malformed, foreign or stale table
-never breaks torch.compile: one warning, then Inductor's own behaviour.
+Environment: KERNEL_FARM_TABLE=/path/to/table.yaml uses that one table (at its own thread
+count only), KERNEL_FARM_TABLE=/path/to/dir the tables of this host's class in it;
+KERNEL_FARM_TABLE=off disables the farm (Inductor's own lowerings). A missing, malformed,
+foreign or stale table never breaks torch.compile: one warning, then Inductor's own behaviour.
 
 Imports nothing heavy (no Ray; torch only when installing).
 """
@@ -33,23 +34,27 @@ class KernelFarmWarning(UserWarning):
 @dataclass
 class InstallResult:
     active: bool
-    path: str | None
+    path: str | None  # the file or directory asked for
     reason: str = ""
     entries: int = 0
     stale_entries: int = 0
     problems: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)  # the table files loaded (this host's class)
+    threads: int | None = None  # this process's thread count at install time
+    transfer: bool = False  # no table for `threads`: choices transfer from the measured counts
 
 
 class TablePolicy:
-    """Lowering policy of an installed table (see kernels.table.lookup)."""
+    """Lowering policy of an installed table set (see kernels.table.lookup_set). The thread
+    count is the lowering's own (Inductor's parallel_num_threads), which also keys its cache."""
 
-    def __init__(self, table):
-        self.table = table
+    def __init__(self, tables):
+        self.tables = tables
 
     def choose(self, key):
-        from .table import lookup
+        from .table import lookup_set
 
-        return lookup(self.table, key.op, key.dtype, key.m, key.n, key.k, key.group_size)
+        return lookup_set(self.tables, key.threads, key.op, key.dtype, key.m, key.n, key.k, key.group_size)
 
 
 _lock = threading.Lock()
@@ -72,8 +77,13 @@ def host_isa() -> str:
     return isa_class(str(pick_vec_isa() or ""), torch.cpu.get_capabilities())
 
 
-def shipped_table(isa: str | None = None) -> str:
-    return os.path.join(TABLES_DIR, f"{isa or host_isa()}.yaml")
+def shipped_table(isa: str | None = None, threads: int | None = None) -> str:
+    """The shipped table file of this ISA class and thread count (default: this process's) if
+    there is one, else the shipped tables' directory (install() then transfers between counts)."""
+    import torch
+
+    path = os.path.join(TABLES_DIR, f"{isa or host_isa()}-t{threads or torch.get_num_threads()}.yaml")
+    return path if os.path.exists(path) else TABLES_DIR
 
 
 def _warn(message: str) -> None:
@@ -94,8 +104,12 @@ def _cache_key_pass(digest: str):
                 user_pass(graph)
 
         def uuid(self):
+            from torch._inductor.utils import parallel_num_threads
+
             inner = user_pass.uuid() if user_pass is not None and hasattr(user_pass, "uuid") else None
-            return f"kernel-farm:{digest}:{inner}"
+            # The thread count picks the table (or thread transfer): keyed here too, as Inductor
+            # keys it only when cpp.threads is unset and dynamic threads are off.
+            return f"kernel-farm:{digest}:t{parallel_num_threads()}:{inner}"
 
     return TableKey()
 
@@ -103,40 +117,48 @@ def _cache_key_pass(digest: str):
 def install(path: str | None = None, *, strict: bool = False) -> InstallResult:
     """Use a table for the quantized matmuls of every later torch.compile in this process.
 
-    path None: $KERNEL_FARM_TABLE, else the shipped table of this host's ISA class.
+    path None: $KERNEL_FARM_TABLE, else the shipped tables' directory. A directory loads every
+    table of this host's ISA class in it (one per thread count; a count without a table borrows
+    thread-independent choices where the measured counts agree); a file is one table, used at
+    its own thread count only.
     Never raises for a bad table unless strict=True: it warns once and leaves Inductor alone.
     """
     import torch
 
     from . import lowering
     from .provenance import template_hash, torch_version
-    from .table import TableError, incompatibilities, load
+    from .table import TableError, load_set, set_problems
 
     env = os.environ.get(ENV_VAR, "").strip()
     if path is None and env.lower() == "off":
         uninstall()
         return InstallResult(False, None, f"{ENV_VAR}=off")
-    path = path or env or shipped_table()
-    current_torch, current_hash = torch_version(), template_hash()
+    path = path or env or TABLES_DIR
+    current_torch, current_hash, threads, isa = torch_version(), template_hash(), torch.get_num_threads(), host_isa()
     try:
-        table = load(path, current_torch, current_hash)
-        problems = incompatibilities(table, host_isa(), torch.get_num_threads(), current_torch, current_hash)
+        tables = load_set(path, isa, current_torch, current_hash)
+        problems = set_problems(tables, isa, threads, current_torch, current_hash)
         if problems:
-            raise TableError(f"{path}: not used: " + "; ".join(problems))
+            raise TableError("; ".join(problems))
     except TableError as exc:
         uninstall()
         if strict:
             raise
         _warn(str(exc))
-        return InstallResult(False, path, str(exc), problems=[str(exc)])
-    stale = sum(e.stale for e in table.entries.values())
+        return InstallResult(False, path, str(exc), problems=[str(exc)], threads=threads)
+    entries = [e for t in tables.tables.values() for e in t.entries.values()]
+    stale = sum(e.stale for e in entries)
     if stale:
-        _warn(f"{path}: {stale} of {len(table.entries)} entries are stale (other torch or template source)")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    _set_cache_key(digest)
-    lowering.register(TablePolicy(table))
-    return InstallResult(True, path, "", len(table.entries), stale)
+        _warn(f"{path}: {stale} of {len(entries)} entries are stale (other torch or template source)")
+    files = [t.path for t in tables.tables.values()]
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            digest.update(f.read())
+    _set_cache_key(digest.hexdigest()[:16])
+    lowering.register(TablePolicy(tables))
+    return InstallResult(True, path, "", len(entries), stale, tables=files, threads=threads,
+                         transfer=threads not in tables.tables)
 
 
 def _set_cache_key(digest: str | None) -> None:

@@ -220,3 +220,16 @@ def small_m_int8_path(op: str, dtype: str, m: int) -> bool:
     """Inductor renders int8 x bf16 with M < 16 through SMALL_M_GEMM_TEMPLATE, which has no
     thread or cache blocking: knobs have no effect there (checked again at render time)."""
     return op == "int8" and dtype == "bf16" and m < 16
+
+
+# Knobs whose meaning is the same at any thread count (blocking sizes, not a split of threads).
+THREAD_INDEPENDENT_KNOBS = ("cb", "ks")
+
+
+def transfers_across_threads(candidate: Candidate) -> bool:
+    """Whether a choice means the same kernel at any thread count, so a table measured at other
+    thread counts may offer it: ATen, dq, the template's own heuristic, cache blocking and
+    k-slices do; thread factors and a per-kernel thread count (and any knob added later) do not."""
+    if candidate.kind != "cpp":
+        return True
+    return all(value is None for name, value in candidate.knobs.as_dict().items() if name not in THREAD_INDEPENDENT_KNOBS)

@@ -2,7 +2,12 @@
 
 A table is data: loaded with yaml.safe_load, validated field by field, every knob bounded
 before it can reach generated C++. Format history (TABLE_SCHEMA):
-  kernel-farm/table/1  first version (see README "Table format").
+  kernel-farm/table/1  first version (see README "Table format"); the optional `transfer`
+                       field (measured regret between thread counts) came later, in place.
+
+A table set is the tables of one ISA class in a directory, one per thread count: a process
+whose thread count has a table uses it; otherwise choices whose meaning does not depend on the
+thread count transfer from the measured counts where they agree (lookup_set).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .candidates import ATEN, Candidate, CandidateError, check_bounds, parse
+from .candidates import ATEN, Candidate, CandidateError, check_bounds, parse, transfers_across_threads
 from .provenance import same_release
 from .rule import Rule, RuleError, features, parse_rule, predict
 
@@ -21,6 +26,10 @@ MAX_TABLE_BYTES = 8 << 20
 OPS = ("int8", "int4")
 DTYPES = ("bf16", "fp16", "fp32")
 ISAS = ("amx", "avx512", "avx2", "default")
+# The regret a borrowed decision may cost against the measured winner: about the A/A noise
+# measured on the farm's hosts (2-5%). Nearest-M (farm/tables/aggregate.py) and thread
+# transfer use the same threshold.
+REGRET_THRESHOLD = 0.03
 
 
 class TableError(ValueError):
@@ -49,12 +58,27 @@ class Entry:
     data: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """How the winners measured at `from_threads` did at this table's thread count, over the
+    keys measured at both (farm/tables/aggregate.py transfer_regret). Regrets are fractions
+    lost against this count's own winner (0.02: 2% slower), over the transferable keys."""
+
+    from_threads: int
+    keys: int
+    transferable: int
+    agree: int
+    regret_geomean: float | None
+    regret_worst: float | None
+
+
 @dataclass
 class Table:
     path: str
     header: dict
     entries: dict[EntryKey, Entry]
     rule: Rule | None = None  # for shapes without an entry (kernels/rule.py)
+    transfer: dict[int, Transfer] = field(default_factory=dict)  # by from_threads
 
     @property
     def isa(self) -> str:
@@ -106,7 +130,44 @@ def _parse_header(doc: dict, where: str) -> dict:
     _need(doc, "template_hash", str, where)
     _need(doc, "emulated", bool, where)
     _need(doc, "entries", list, where)
-    return {k: v for k, v in doc.items() if k not in ("entries", "rule")}
+    return {k: v for k, v in doc.items() if k not in ("entries", "rule", "transfer")}
+
+
+_TRANSFER_FIELDS = ("from_threads", "keys", "transferable", "agree", "regret_geomean", "regret_worst")
+
+
+def _parse_transfer(raw, where: str, threads: int) -> dict[int, Transfer]:
+    """Validate the optional `transfer` field: one record per other measured thread count."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list):
+        raise TableError(f"{where}: expected a list of records, got {type(raw).__name__}")
+    out: dict[int, Transfer] = {}
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise TableError(f"{at}: expected a mapping, got {type(item).__name__}")
+        if set(item) != set(_TRANSFER_FIELDS):
+            raise TableError(f"{at}: expected the fields {', '.join(_TRANSFER_FIELDS)}, got {', '.join(map(str, item))}"[:200])
+        source = _positive(item, "from_threads", at, 1024)
+        if source == threads or source in out:
+            raise TableError(f"{at}.from_threads: {source} is this table's own or a repeated thread count")
+        keys = _need(item, "keys", int, at)
+        if not 0 <= keys <= 1 << 20:
+            raise TableError(f"{at}.keys: {keys} is outside 0..{1 << 20}")
+        counts = {}
+        for name in ("transferable", "agree"):
+            counts[name] = _need(item, name, int, at)
+            if not 0 <= counts[name] <= keys:
+                raise TableError(f"{at}.{name}: {counts[name]} is outside 0..{keys} (the keys measured at both)")
+        regrets = {name: _need(item, name, (int, float), at, optional=True) for name in ("regret_geomean", "regret_worst")}
+        for name, value in regrets.items():
+            if (value is None) != (counts["transferable"] == 0) or (value is not None and not (math.isfinite(value) and value > -1)):
+                raise TableError(f"{at}.{name}: expected a finite number above -1 when keys transfer (null when none do), got {value!r}")
+        if regrets["regret_worst"] is not None and regrets["regret_worst"] < regrets["regret_geomean"] - 1e-3:
+            raise TableError(f"{at}.regret_worst: {regrets['regret_worst']} is below the geomean {regrets['regret_geomean']}")
+        out[source] = Transfer(source, keys, counts["transferable"], counts["agree"], regrets["regret_geomean"], regrets["regret_worst"])
+    return out
 
 
 def _parse_entry(raw, where: str, threads: int, torch_version: str | None, template_hash: str | None) -> Entry:
@@ -169,7 +230,7 @@ def load(path: str, torch_version: str | None = None, template_hash: str | None 
         rule = parse_rule(doc.get("rule"), f"{path}: rule", header["threads"])
     except RuleError as exc:
         raise TableError(str(exc)) from None
-    return Table(path, header, entries, rule)
+    return Table(path, header, entries, rule, _parse_transfer(doc.get("transfer"), f"{path}: transfer", header["threads"]))
 
 
 def dump(doc: dict, path: str) -> None:
@@ -182,12 +243,12 @@ def dump(doc: dict, path: str) -> None:
     load(path)
 
 
-def incompatibilities(table: Table, isa: str, threads: int, torch_version: str, template_hash: str) -> list[str]:
-    """Why this table must not be used by this process (empty: it may)."""
+def incompatibilities(table: Table, isa: str, threads: int | None, torch_version: str, template_hash: str) -> list[str]:
+    """Why this table must not be used by this process (empty: it may); threads None: any count."""
     problems = []
     if table.isa != isa:
         problems.append(f"it is for ISA class {table.isa}, this host is {isa}")
-    if table.threads != threads:
+    if threads is not None and table.threads != threads:
         problems.append(f"it is for {table.threads} threads, this process runs {threads}")
     if not same_release(table.header["torch"], torch_version):  # the build tag (+cpu, +cu130) does not matter
         problems.append(f"it was measured with torch {table.header['torch']}, this is {torch_version}")
@@ -234,3 +295,151 @@ def _by_rule(table: Table, op: str, dtype: str, m: int | None, n: int, k: int, g
     if candidate is None:
         return None, "inductor", f"{why_not_entries}; the rule is unsure here ({path})"
     return candidate, "table:rule", path
+
+
+# --- table sets: one table per thread count, and thread transfer -----------------------------
+
+@dataclass
+class TableSet:
+    """The tables of one ISA class that a process may use, by thread count. From a directory,
+    a thread count without its own table may borrow from the others (thread transfer); one
+    file answers at its own thread count only."""
+
+    path: str
+    tables: dict[int, Table]
+    directory: bool
+
+    @property
+    def entries(self) -> int:
+        return sum(len(t.entries) for t in self.tables.values())
+
+    def transfer_closed(self) -> str | None:
+        """Why the measured thread counts may not lend their choices to another count (None: they may).
+
+        Every ordered pair of measured counts must carry its measured transfer regret and its worst
+        case must be within the noise threshold: with two counts, that regret is exactly what
+        transfer would have cost each of them had it been left out (leave one count out), so it
+        is the measured evidence that this class's winners do not depend on the thread count
+        beyond noise. A single count has no such evidence and transfers nothing."""
+        if not self.directory:
+            return f"{self.path} is one table file (a directory of tables may transfer between thread counts)"
+        counts = sorted(self.tables)
+        if len(counts) < 2:
+            return f"only {counts[0]} threads measured: no transfer regret between thread counts to go on"
+        for to in counts:
+            for source in counts:
+                record = self.tables[to].transfer.get(source)
+                if source == to:
+                    continue
+                if record is None or record.regret_worst is None:
+                    return f"no measured transfer regret from {source} to {to} threads in {self.tables[to].path}"
+                if record.regret_worst > REGRET_THRESHOLD:
+                    return (f"{source}-thread winners lost up to {100 * record.regret_worst:.1f}% at {to} threads "
+                            f"(more than the {100 * REGRET_THRESHOLD:g}% noise threshold)")
+        return None
+
+
+def load_set(path: str, isa: str, torch_version: str | None = None, template_hash: str | None = None) -> TableSet:
+    """A table file: that one table. A directory: every table of ISA class `isa` in it (every
+    *.yaml must be a valid table; two for one thread count are an error naming both)."""
+    if not os.path.isdir(path):
+        table = load(path, torch_version, template_hash)
+        return TableSet(path, {table.threads: table}, False)
+    tables: dict[int, Table] = {}
+    seen = []
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".yaml"):
+            continue
+        table = load(os.path.join(path, name), torch_version, template_hash)
+        seen.append(f"{table.isa} {table.threads}t")
+        if table.isa != isa:
+            continue
+        if table.threads in tables:
+            raise TableError(f"{path}: two tables for {isa} at {table.threads} threads: {tables[table.threads].path} and {table.path}")
+        tables[table.threads] = table
+    if not tables:
+        raise TableError(f"{path}: no table for ISA class {isa} (found: {', '.join(seen) or 'no tables'})")
+    return TableSet(path, dict(sorted(tables.items())), True)
+
+
+def set_problems(tables: TableSet, isa: str, threads: int, torch_version: str, template_hash: str) -> list[str]:
+    """Why this set must not be used by a process of this class and thread count (empty: it may)."""
+    if not tables.directory:
+        table = next(iter(tables.tables.values()))
+        problems = incompatibilities(table, isa, threads, torch_version, template_hash)
+        return [f"{table.path}: not used: " + "; ".join(problems)] if problems else []
+    problems = [f"{t.path}: not used: {p}" for t in tables.tables.values()
+                for p in incompatibilities(t, isa, None, torch_version, template_hash)]
+    if threads not in tables.tables:
+        closed = tables.transfer_closed()
+        if closed:
+            problems.append(f"{tables.path}: no table for {threads} threads (measured: "
+                            f"{', '.join(map(str, tables.tables))}) and no thread transfer: {closed}")
+    return problems
+
+
+def lookup_set(tables: TableSet, threads: int, op: str, dtype: str, m: int | None, n: int, k: int,
+               group_size: int | None) -> tuple[Candidate | None, str, str]:
+    """The table of this thread count answers as lookup() does; without one, thread transfer."""
+    own = tables.tables.get(threads)
+    if own is not None:
+        return lookup(own, op, dtype, m, n, k, group_size)
+    closed = tables.transfer_closed()
+    if closed:
+        return None, "inductor", f"no table for {threads} threads; {closed}"
+    return transfer(list(tables.tables.values()), op, dtype, m, n, k, group_size)
+
+
+def _counts(tables) -> str:
+    return ", ".join(str(t.threads) for t in tables) + " threads"
+
+
+def _agreed(answers: dict[int, Candidate | None], what: str) -> tuple[Candidate | None, str]:
+    """(the one transferable choice every measured count made, or None with why not)."""
+    choices = set(answers.values())
+    if None in choices:
+        unsure = [str(t) for t, c in answers.items() if c is None]
+        return None, f"{what} at {', '.join(unsure)} threads decide nothing"
+    if len(choices) > 1:
+        return None, f"{what} disagree (" + ", ".join(f"{t}: {c.id}" for t, c in answers.items()) + ")"
+    only = choices.pop()
+    if not transfers_across_threads(only):
+        return None, f"{what} chose {only.id}, whose meaning depends on the thread count"
+    return only, ""
+
+
+def transfer(tables: list[Table], op: str, dtype: str, m: int | None, n: int, k: int,
+             group_size: int | None) -> tuple[Candidate | None, str, str]:
+    """Thread transfer (README "Lookup policy"), in lookup's order: the exact entries of every
+    measured count that has the key; else the nearest-M entries of every count with the shape
+    (each nearest_m_ok); else every count's rule. Each step answers only with one choice that
+    all of them made and whose meaning does not depend on the thread count."""
+    families = {t.threads: [e for e in t.families().get((op, dtype, n, k, group_size), []) if not e.stale] for t in tables}
+    with_family = [t for t in tables if families[t.threads]]
+    if m is None:  # dynamic M: every count with the shape must have a dynamic-M answer
+        answers = {t.threads: lookup(t, op, dtype, None, n, k, group_size) for t in with_family}
+        usable = {th: (c if src == "table:dynamic-m" else None) for th, (c, src, _) in answers.items()}
+        choice, why = _agreed(usable, "dynamic-M answers") if usable else (None, "no table entry")
+        return (choice, "table:transfer", f"dynamic M: the {_counts(with_family)} tables agree") if choice else (None, "inductor", why)
+    key = EntryKey(op, dtype, m, n, k, group_size)
+    exact = {t.threads: t.entries[key] for t in tables if key in t.entries and not t.entries[key].stale}
+    if exact:
+        choice, why = _agreed({th: e.candidate for th, e in exact.items()}, "the exact entries")
+        if choice is None:
+            return None, "inductor", why
+        return choice, "table:transfer", f"the exact entries at {', '.join(map(str, exact))} threads agree"
+    notes = ["no table entry"]
+    if with_family:
+        nearest = {t.threads: min(families[t.threads], key=lambda e: (_log_distance(e.key.m, m), e.key.m)) for t in with_family}
+        choice, why = _agreed({th: e.candidate if e.nearest_m_ok else None for th, e in nearest.items()},
+                              "the nearest-M entries (" + ", ".join(f"{th}: M={e.key.m}" for th, e in nearest.items()) + ")")
+        if choice is not None:
+            return choice, "table:transfer", f"M={m}: the nearest-M entries of {_counts(with_family)} agree (" + \
+                ", ".join(f"{th}: M={e.key.m}" for th, e in nearest.items()) + ")"
+        notes = [why]
+    rules = {t.threads: _by_rule(t, op, dtype, m, n, k, group_size, "") for t in tables}
+    choice, why = _agreed({th: c for th, (c, _, _) in rules.items()}, "the rules")
+    if choice is None:
+        return None, "inductor", "; ".join(notes + [why])
+    return choice, "table:transfer", f"the rules of {_counts(tables)} agree (" + \
+        ", ".join(f"{th}: {note}" for th, (_, _, note) in rules.items()) + ")"

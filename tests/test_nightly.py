@@ -66,7 +66,7 @@ def test_second_night_in_a_row_measures_nothing_and_reports_no_change(first_nigh
     assert first.exit_code == EXIT_OK, first.failures
     assert sum(s.measure for s in first.selections) == ROWS
     assert all(s.reason == "missing from the shipped table" for s in first.selections)
-    assert set(_tables(base / "n1" / "tables")) == {f"{isa}.yaml" for isa in SERVED}
+    assert set(_tables(base / "n1" / "tables")) == {f"{isa}-t2.yaml" for isa in SERVED}
     second = run(spec_doc=SPEC, tables_dir=str(base / "n1" / "tables"), out=str(base / "n2"),
                  address=cluster["address"], store_path=str(base / "history.db"))
     assert second.exit_code == EXIT_OK and second.run_id is None

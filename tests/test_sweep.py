@@ -92,7 +92,7 @@ def test_sweep_through_the_jobs_api(mixed_cluster, tmp_path):
         assert time.time() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(1)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
-    assert (tmp_path / "tables" / "avx2.yaml").exists()
+    assert (tmp_path / "tables" / "avx2-t2.yaml").exists()
     assert Store(str(tmp_path / "job.db")).count() == 1
 
 

@@ -201,7 +201,7 @@ def render_kernels(report: dict, console: Console) -> None:
 def cmd_kernels(args) -> int:
     import kernels
 
-    table = args.table or kernels.shipped_table()
+    table = args.table or kernels.shipped_table(threads=args.threads)
     protocol = Protocol(min_rounds=args.rounds, max_rounds=max(args.rounds, 21))
     rows = []
     isa = None if args.isa == "all" else (args.isa or kernels.host_isa())

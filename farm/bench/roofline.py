@@ -71,7 +71,11 @@ def roofline(table_path: str | None = None) -> dict:
     peak_dtype = max(peaks, key=peaks.get)
     peak = peaks[peak_dtype]
     rows = []
-    path = table_path or kernels.shipped_table()
+    path = table_path or kernels.shipped_table(threads=host.cores)
+    if not path.endswith(".yaml"):  # the shipped directory: no table of this class at host.cores threads
+        from farm.errors import UserError
+
+        raise UserError(f"roofline: no shipped table for {host.cores} threads; give --table")
     with open(path) as f:
         doc = yaml.safe_load(f)
     for entry in doc["entries"]:

@@ -12,16 +12,17 @@ import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateError, parse
-from kernels.table import TABLE_SCHEMA
+from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateError, parse, transfers_across_threads
+from kernels.table import REGRET_THRESHOLD, TABLE_SCHEMA
 
 from farm.measure import stats
 from farm.measure.record import beyond_noise, leads_in_processes, process_leads, quorum
 from farm.measure.store import host_name
 
 # A neighbour M bucket may borrow this entry's winner when it loses at most 3% against its
-# own winner there: about the A/A noise measured on these hosts (2-5%).
-DEFAULT_REGRET_THRESHOLD = 0.03
+# own winner there: about the A/A noise measured on these hosts (2-5%). The same threshold
+# gates thread transfer at compile time (kernels.table.REGRET_THRESHOLD).
+DEFAULT_REGRET_THRESHOLD = REGRET_THRESHOLD
 
 
 @dataclass
@@ -230,15 +231,37 @@ def _key_of(entry: dict) -> tuple:
 
 
 def table_paths(out: str, keys) -> dict[tuple[str, int], str]:
-    """<isa>.yaml per ISA class, as the design names them; <isa>-t<threads>.yaml when one
-    class has tables for several thread counts."""
+    """<isa>-t<threads>.yaml per (ISA class, thread count): the name is for people; a table's
+    thread count is read from its header, never from its name."""
     import os
 
-    keys = sorted(set(keys))
-    counts = defaultdict(int)
-    for isa, _ in keys:
-        counts[isa] += 1
-    return {(isa, t): os.path.join(out, f"{isa}.yaml" if counts[isa] == 1 else f"{isa}-t{t}.yaml") for isa, t in keys}
+    return {(isa, t): os.path.join(out, f"{isa}-t{t}.yaml") for isa, t in sorted(set(keys))}
+
+
+def transfer_regret(entries: list[dict], combined: dict[tuple, dict[str, Combined]], other_entries: list[dict],
+                    other_threads: int) -> dict:
+    """What thread transfer from `other_threads` would have cost at this table's thread count (its
+    `entries`, decided on `combined`), over the keys
+    measured at both: each key's other-count winner, where it transfers (its meaning does not
+    depend on the thread count, and it measured ok here), against this count's own winner,
+    both from this count's records. Regrets are fractions lost (0.02: 2% slower)."""
+    theirs = {_key_of(e): e["winner"] for e in other_entries}
+    keys = agree = 0
+    ratios = []
+    for entry in entries:
+        key = _key_of(entry)
+        other = theirs.get(key)
+        if other is None:
+            continue
+        keys += 1
+        agree += other == entry["winner"]
+        here = combined[key].get(other)
+        if here is None or not here.ok or not transfers_across_threads(parse(other)):
+            continue  # does not transfer
+        ratios.append(combined[key][entry["winner"]].speedup / here.speedup)
+    return {"from_threads": other_threads, "keys": keys, "transferable": len(ratios), "agree": agree,
+            "regret_geomean": round(stats.geomean(ratios) - 1, 4) if ratios else None,
+            "regret_worst": round(max(ratios) - 1, 4) if ratios else None}
 
 
 @dataclass
@@ -289,6 +312,7 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
     for record in fresh:
         groups[(record["host"]["isa"], record["problem"]["threads"])][problem_key(record["problem"])].append(record)
     tables, skipped, blind, agreement = {}, [], [], []
+    decided: dict[tuple[str, int], tuple[list[dict], dict]] = {}
     for (isa, threads), by_key in sorted(groups.items()):
         agreement += [{"isa": isa, "threads": threads, **row} for row in emulation_agreement(by_key, prefer_weights, resamples)]
         entries, combined, hosts, used = [], {}, {}, {}
@@ -307,6 +331,7 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
         _mark_nearest_m(entries, combined, regret_threshold)
         rule, rule_status = build_rule(used, combined)  # the entries' own statistics, not computed again
         all_records = [r for rs in by_key.values() for r in rs]
+        decided[(isa, threads)] = (entries, combined)
         tables[(isa, threads)] = {
             "schema": TABLE_SCHEMA,
             "isa": isa,
@@ -325,4 +350,8 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
             "rule": rule,
             "rule_status": rule_status,
         }
+    for (isa, threads), (entries, combined) in decided.items():  # every pair of counts of one class
+        tables[(isa, threads)]["transfer"] = [
+            transfer_regret(entries, combined, other[0], t) for (i, t), other in sorted(decided.items())
+            if i == isa and t != threads]
     return AggregateResult(tables, len(records) - len(fresh), skipped, blind, agreement)

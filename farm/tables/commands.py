@@ -77,6 +77,23 @@ def show(path: str, console: Console | None = None) -> None:
     console = console or Console(width=220)
     console.print(table)
     console.print(escape(rule_summary(doc)))
+    console.print(escape(transfer_summary(doc)))
+
+
+def transfer_summary(doc: dict) -> str:
+    """One line per other thread count of the class: what transfer from it measured here."""
+    records = doc.get("transfer") or []
+    if not records:
+        return "thread transfer: no other thread count of this class was aggregated with this table"
+    return "\n".join(
+        f"thread transfer from {r['from_threads']} threads: {r['keys']} keys measured at both, {r['agree']} with the same "
+        f"winner, {r['transferable']} whose {r['from_threads']}-thread winner transfers; regret of those vs this count's "
+        f"winner geomean {_percent(r['regret_geomean'])}, worst {_percent(r['regret_worst'])}"
+        for r in records)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def rule_summary(doc: dict) -> str:
@@ -155,7 +172,7 @@ def register(sub) -> None:
     p.add_argument("records", nargs="*", help="files of `farm measure --json` records")
     p.add_argument("--store", default=None, help="a sweep's SQLite store")
     p.add_argument("--run", default=None, help="only this run of the store")
-    p.add_argument("--out", required=True, help="directory for <isa>.yaml")
+    p.add_argument("--out", required=True, help="directory for <isa>-t<threads>.yaml")
     p.add_argument("--prefer-weights", default="cold", choices=["cold", "warm"])
     p.set_defaults(fn=cmd_aggregate)
 

@@ -1,14 +1,16 @@
 """`farm coverage`: for each of a model's quantized matmuls and each M, what a table decides at
-compile time and why, through the real lookup (kernels.table.load, incompatibilities, lookup)."""
+compile time and why, through the real lookup (kernels.table.load_set, set_problems, lookup_set:
+one table file, or a directory of tables with thread transfer, as kernels.install() loads them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from kernels.table import Table, TableError, incompatibilities, load, lookup
+from kernels.table import TableError, TableSet, load_set, lookup_set, set_problems
 
 from farm.errors import UserError
 from farm.zoo.shapes import DEFAULT_MS, ModelDims, Plan, load_zoo, plan
@@ -59,32 +61,43 @@ class ModelCoverage:
 
 @dataclass
 class TableView:
-    """A loaded table and why this process could not use it at all (empty: it may)."""
+    """A loaded table set and why this process could not use it at all (empty: it may)."""
 
-    table: Table
+    tables: TableSet
     isa: str
     threads: int
     refused: list[str]
 
+    @property
+    def path(self) -> str:
+        return self.tables.path
+
+    @property
+    def transfer(self) -> bool:
+        return not self.refused and self.threads not in self.tables.tables
+
 
 def open_table(path: str | None, threads: int | None = None, isa: str | None = None) -> TableView:
-    """Load as kernels.install() does: rows of another torch release or template source are stale,
-    and a table for another ISA class, thread count, torch or template is refused whole."""
+    """Load as kernels.install() does: rows of another torch release or template source are stale;
+    a file is refused whole for another ISA class, thread count, torch or template; a directory
+    (the shipped tables by default) gives its tables of the class, with thread transfer."""
     import kernels
     from kernels.provenance import template_hash, torch_version
 
-    path = path or kernels.shipped_table()
+    path = path or kernels.TABLES_DIR
     if threads is None:
         import torch
 
         threads = torch.get_num_threads()
     current_torch, current_hash = torch_version(), template_hash()
+    if os.path.isdir(path):
+        isa = isa or kernels.host_isa()
     try:
-        table = load(path, current_torch, current_hash)
+        tables = load_set(path, isa or "", current_torch, current_hash)
     except TableError as exc:
         raise UserError(str(exc)) from None
-    isa = isa or table.isa  # by default: what the table decides on a host of its own class
-    return TableView(table, isa, threads, incompatibilities(table, isa, threads, current_torch, current_hash))
+    isa = isa or next(iter(tables.tables.values())).isa  # a file: what it decides on a host of its own class
+    return TableView(tables, isa, threads, set_problems(tables, isa, threads, current_torch, current_hash))
 
 
 def decide(view: TableView, p: Plan) -> ModelCoverage:
@@ -94,7 +107,7 @@ def decide(view: TableView, p: Plan) -> ModelCoverage:
         if view.refused:
             choice, source, note = None, INDUCTOR, "table not used: " + "; ".join(view.refused)
         else:
-            candidate, source, note = lookup(view.table, q.op, q.dtype, q.m, q.n, q.k, q.group_size)
+            candidate, source, note = lookup_set(view.tables, view.threads, q.op, q.dtype, q.m, q.n, q.k, q.group_size)
             choice = candidate.id if candidate is not None else None
         decisions.append(Decision(item.layer.name, q.op, q.dtype, q.m, q.n, q.k, q.group_size, source, choice, note))
     return ModelCoverage(p.model.id, p.model.source, decisions, p.skipped)
@@ -126,7 +139,7 @@ def print_decisions(r: ModelCoverage, view: TableView, console) -> None:
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    table = RichTable(title=f"{r.model} on {view.table.path} ({view.isa}, {view.threads} threads)", title_justify="left")
+    table = RichTable(title=f"{r.model} on {view.path} ({view.isa}, {view.threads} threads)", title_justify="left")
     for col in ("layer", "op", "M", "N", "K", "group", "source", "choice", "why"):
         table.add_column(col, justify="right" if col in ("M", "N", "K") else "left")
     for d in r.decisions:
@@ -136,8 +149,11 @@ def print_decisions(r: ModelCoverage, view: TableView, console) -> None:
 
 
 def header_lines(view: TableView) -> list[str]:
-    lines = [f"table {view.table.path}: {view.table.isa}, {view.table.threads} threads, {len(view.table.entries)} entries; "
-             f"asked for {view.isa} at {view.threads} threads"]
+    lines = [f"table {t.path}: {t.isa}, {t.threads} threads, {len(t.entries)} entries; "
+             f"asked for {view.isa} at {view.threads} threads" for t in view.tables.tables.values()]
+    if view.transfer:
+        lines.append(f"thread transfer: no table for {view.threads} threads; thread-independent choices where "
+                     f"the {', '.join(map(str, view.tables.tables))}-thread tables agree")
     lines += [f"refused: {reason}" for reason in view.refused]
     return lines
 
@@ -151,7 +167,8 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     models = list(load_zoo().values()) if args.all else [args.model]
     results = [model_coverage(view, m, args.m, args.ops, args.dtype, args.group_size, args.fused) for m in models]
     if args.json:
-        doc = {"table": view.table.path, "isa": view.isa, "threads": view.threads, "refused": view.refused,
+        doc = {"table": view.path, "isa": view.isa, "threads": view.threads, "refused": view.refused,
+               "tables": [t.path for t in view.tables.tables.values()], "transfer": view.transfer,
                "m": args.m, "ops": args.ops, "group_size": args.group_size, "fused": args.fused,
                "models": [r.summary() for r in results], "overall": overall(results)}
         if not args.all:
