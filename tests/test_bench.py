@@ -1,9 +1,5 @@
 """Each benchmark runs on a tiny problem and gives well-formed, numerically checked output.
-(Benchmarks are not timed tests: no speed is asserted here.)"""
-
-import json
-import subprocess
-import sys
+(Benchmarks are not timed tests: no speed is asserted here.) `farm bench model`: tests/test_bench_model.py."""
 
 import pytest
 import torch
@@ -38,17 +34,6 @@ def test_bench_kernels_has_all_four_variants_checked(table):
     assert row["variants"]["default"]["speedup_vs_default"] == 1.0
     summary = summarize([row])
     assert summary["problems"] == 1 and 0 <= summary["share_within_noise_of_oracle"] <= 1
-
-
-def test_bench_model_cli_tiny_block(table):
-    out = subprocess.run([sys.executable, "-m", "farm.cli", "bench", "model", "--model", "tiny-block", "--quant", "int4",
-                          "--decode", "2", "--prefill", "16", "--table", table, "--threads", "2", "--rounds", "3", "--json"],
-                         check=True, capture_output=True, text=True)
-    report = json.loads(out.stdout)
-    assert [(r["phase"], r["m"]) for r in report["rows"]] == [("decode", 2), ("prefill", 16)]
-    for r in report["rows"]:
-        assert set(r["variants"]) == {"default", "max-autotune", "table"}
-        assert all(v["median_ms"] > 0 and v["compile_s"] > 0 for v in r["variants"].values())
 
 
 def test_bench_roofline_reports_bandwidth_peak_and_efficiencies(table):
