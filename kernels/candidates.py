@@ -3,18 +3,30 @@
 A candidate is one lowering choice with its knobs, named by a stable id:
 
     aten                              ATen's extern kernel (Inductor's default)
-    dq                                int8 only: dequantize the weight to the activation dtype
-                                      once per call, then a dense GEMM (oneDNN); pays at prefill
+    dq                                dequantize the weight (int8, or the CPU int4 packing with
+                                      its group scales and zeros) to the activation dtype once per
+                                      call in one generated kernel, then a dense GEMM (oneDNN);
+                                      pays at prefill
     dq[fp32]                          the same with the GEMM in fp32 (or dq[bf16], dq[fp16]):
                                       bf16 GEMMs crawl on hosts without bf16 instructions (AVX2)
     aten~aa                           ATen compiled a second time: the A/A noise control
     cpp                               Inductor's C++ GEMM template, its own blocking heuristic
     cpp[tf=2,1,1;cb=1,16,64;ks=1]     the template with explicit knobs (any subset of them)
+    cpp[nt=1]                         the template on 1 thread; the rest of the graph keeps the
+                                      process's thread count (cpp[nt=2;tf=2,1,1] etc.)
 
 Knobs (Inductor's config.cpp names, applied to one kernel only):
-    tf  thread factors over (M, N, K); their product is the thread count (gemm_thread_factors)
+    nt  threads of this one GEMM kernel (the template's num_threads), 1 <= nt < the process's
+        thread count (Inductor's parallel_num_threads()); nt equal to it is refused: it is
+        plain `cpp`. For small problems where waking threads costs more than they give.
+        Template only: ATen's extern kernel takes the process-global ATen/OpenMP thread
+        count, which one call cannot change without touching every other op (kernels.template)
+    tf  thread factors over (M, N, K); their product is the kernel's thread count: nt when
+        given, else the process's (gemm_thread_factors)
     cb  cache blocking (Mc, Nc, Kc) in register blocks (gemm_cache_blocking)
     ks  maximum K-slices of the heuristic thread blocking (gemm_max_k_slices; 0 = unlimited)
+On int8 x bf16 with M < 16 (small_m_int8_path) Inductor has no blocking: tf, cb and ks have
+no effect there and are refused; nt alone applies (its parallel region gets nt threads).
 
 This module is pure Python: it is imported at compile time and by the farm's driver.
 """
@@ -65,15 +77,21 @@ class Knobs:
     thread_factors: tuple[int, int, int] | None = None
     cache_blocking: tuple[int, int, int] | None = None
     k_slices: int | None = None
+    threads: int | None = None  # nt: this kernel's thread count (None: the process's)
 
     def is_default(self) -> bool:
         return self == Knobs()
+
+    def has_blocking(self) -> bool:
+        """Any of tf, cb, ks: knobs of the blocking that the small-M int8 path does not have."""
+        return (self.thread_factors, self.cache_blocking, self.k_slices) != (None, None, None)
 
     def as_dict(self) -> dict:
         return {
             "tf": list(self.thread_factors) if self.thread_factors else None,
             "cb": list(self.cache_blocking) if self.cache_blocking else None,
             "ks": self.k_slices,
+            "nt": self.threads,
         }
 
 
@@ -91,6 +109,8 @@ class Candidate:
         if self.kind == DEQUANT:
             return DEQUANT + (f"[{self.gemm_dtype}]" if self.gemm_dtype else "")
         parts = []
+        if self.knobs.threads is not None:
+            parts.append(f"nt={self.knobs.threads}")
         if self.knobs.thread_factors:
             parts.append("tf=" + ",".join(map(str, self.knobs.thread_factors)))
         if self.knobs.cache_blocking:
@@ -136,7 +156,7 @@ def parse(cand_id: str) -> Candidate:
     match = _ID_RE.match(cand_id)
     if not match:
         raise CandidateError(f"unknown candidate id {cand_id!r} (expected aten, dq, dq[...], cpp or cpp[...])")
-    tf = cb = ks = None
+    tf = cb = ks = nt = None
     body = match.group("body")
     for part in filter(None, (body or "").split(";")):
         key, _, value = part.partition("=")
@@ -149,22 +169,38 @@ def parse(cand_id: str) -> Candidate:
                 ks = int(value)
             except ValueError:
                 raise CandidateError(f"{cand_id!r}: ks must be an integer, got {value!r}") from None
+        elif key == "nt" and nt is None:
+            try:
+                nt = int(value)
+            except ValueError:
+                raise CandidateError(f"{cand_id!r}: nt must be an integer, got {value!r}") from None
         else:
             raise CandidateError(f"{cand_id!r}: unknown or repeated knob {key!r}")
-    return Candidate("cpp", Knobs(tf, cb, ks))
+    return Candidate("cpp", Knobs(tf, cb, ks, nt))
 
 
 def check_bounds(candidate: Candidate, threads: int) -> None:
     """Reject knob values that would reach generated C++ out of range."""
     knobs = candidate.knobs
     cid = candidate.id
+    if knobs.threads is not None:
+        # nt == threads is plain `cpp` under a second id (measured twice, and a table could
+        # name one kernel two ways): refused, not normalised, so every id names one kernel.
+        if not 1 <= knobs.threads < min(threads, MAX_THREADS + 1):
+            raise CandidateError(
+                f"{cid!r}: nt must be in 1..{min(threads, MAX_THREADS + 1) - 1} (fewer than the "
+                f"process's {threads} threads; nt={threads} is plain cpp)" if threads > 1 else
+                f"{cid!r}: nt needs a process of 2 threads or more (this one has {threads})"
+            )
     if knobs.thread_factors is not None:
+        kernel_threads = knobs.threads if knobs.threads is not None else threads
+        what = "the kernel's nt" if knobs.threads is not None else "the thread count"
         if any(f < 1 or f > MAX_THREADS for f in knobs.thread_factors):
             raise CandidateError(f"{cid!r}: thread factors must be in 1..{MAX_THREADS}")
-        if math.prod(knobs.thread_factors) != threads:
+        if math.prod(knobs.thread_factors) != kernel_threads:
             raise CandidateError(
                 f"{cid!r}: thread factors multiply to {math.prod(knobs.thread_factors)}, "
-                f"not to the thread count {threads}"
+                f"not to {what} {kernel_threads}"
             )
     if knobs.cache_blocking is not None:
         if any(b < 1 or b > MAX_CACHE_BLOCKS for b in knobs.cache_blocking):
@@ -185,8 +221,20 @@ def thread_factorizations(threads: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def fewer_threads(threads: int) -> list[int]:
+    """The nt values a grid measures: halvings of the thread count while it stays even, then 1
+    (2 -> [1], 8 -> [4, 2, 1], 12 -> [6, 3, 1]): a logarithmic few, since nt is for problems
+    too small to feed every thread, where the question is how many to wake, not which split."""
+    out, nt = [], threads
+    while nt % 2 == 0 and nt > 2:
+        nt //= 2
+        out.append(nt)
+    return out + [1] if threads > 1 else []
+
+
 def space(threads: int, grid: str = "pruned", op: str | None = None) -> list[Candidate]:
-    """The candidates a sweep measures, ATen and its A/A control first (dq for int8 only)."""
+    """The candidates a sweep measures, ATen and its A/A control first. Every op has the same
+    space (dq included, for int8 and int4 alike); `op` is kept for callers that name it."""
     if grid not in GRIDS:
         raise CandidateError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     base = [Candidate(ATEN), Candidate(ATEN, control=True), Candidate("cpp")]
@@ -203,14 +251,17 @@ def space(threads: int, grid: str = "pruned", op: str | None = None) -> list[Can
         blockings = [None, *itertools.product(EXHAUSTIVE_MC, EXHAUSTIVE_NC, EXHAUSTIVE_KC)]
         knobbed = [Knobs(tf, cb) for tf in factors for cb in blockings]
         knobbed += [Knobs(cache_blocking=cb, k_slices=ks) for cb in blockings for ks in EXHAUSTIVE_K_SLICES]
+    if grid != "minimal":  # minimal stays CI-sized
+        knobbed += [Knobs(threads=nt) for nt in fewer_threads(threads)]
     # dq in the activation dtype and in fp32: which GEMM dtype wins is a property of the host
     # (bf16 GEMMs need AVX512-BF16 or AMX to be fast), so every host measures both.
-    extra = [Candidate(DEQUANT), Candidate(DEQUANT, gemm_dtype="fp32")] if op in (None, "int8") else []
+    extra = [Candidate(DEQUANT), Candidate(DEQUANT, gemm_dtype="fp32")]
     return base + extra + [Candidate("cpp", k) for k in knobbed if not k.is_default()]
 
 
 def dense_temp_bytes(candidate: Candidate, act_dtype: str, n: int, k: int) -> int:
-    """Bytes of the dense N x K weight a dq candidate materialises in each call (0 for others)."""
+    """Bytes of the dense N x K weight a dq candidate materialises in each call, int8 or int4
+    alike (0 for others)."""
     if candidate.kind != DEQUANT:
         return 0
     return n * k * DTYPE_BYTES[candidate.gemm_dtype or act_dtype]

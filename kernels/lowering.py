@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds, dense_temp_bytes
+from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds, dense_temp_bytes, small_m_int8_path
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _GEMM_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -246,6 +246,17 @@ def _choose(key: ProblemKey) -> Candidate | None:
     return candidate
 
 
+def template_class(base: type, knobs) -> type:
+    """Inductor's template class `base` bound to a candidate's knobs: tf/cb/ks by kernels.template,
+    then nt by kernels.template_threads (two modules, two source hashes: see template_threads)."""
+    import dataclasses
+
+    from .template import bind
+    from .template_threads import bind_threads
+
+    return bind_threads(bind(base, dataclasses.replace(knobs, threads=None)), knobs.threads)
+
+
 def _template_unsupported(layout, mat1, mat2, **kwargs) -> str | None:
     """Why Inductor's C++ template cannot run this problem here (None: it can)."""
     from torch._inductor import config
@@ -284,7 +295,6 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
     from torch._inductor.quantized_lowerings import aten__weight_int8pack_mm
     from torch._inductor.select_algorithm import autotune_select_algorithm, realize_inputs
 
-    from .template import bind
 
     m, n, k, out_layout, mat1, mat2 = mm_args(input, weight, layout=layout, mat2_transposed=True)
     key, why_not = _key("int8", mat1, mat2, n, k, None)
@@ -304,13 +314,19 @@ def _int8pack_mm(input, weight, scale, *, layout=None):
         choices.append(aten__weight_int8pack_mm.bind((mat1, mat2, scale), out_layout))
     else:
         reason = _template_unsupported(out_layout, mat1, mat2)
+        if reason is None and candidate.knobs.has_blocking() and key.m is not None \
+                and small_m_int8_path(key.op, key.dtype, key.m):
+            # Declined here with its reason; otherwise the template's first render (inside
+            # add_choices) raises KnobsIgnored and the table's choice ends as a failed lowering.
+            reason = ("tf, cb and ks have no effect: Inductor renders int8 x bf16 with M < 16 through "
+                      "SMALL_M_GEMM_TEMPLATE, which has no thread or cache blocking (nt alone applies)")
         if reason:
             return _fallback_or_raise(key, candidate, reason)
 
         def mul_epilogue(buf):
             return create_epilogue_with_attr(buf, "mul", other=realize_inputs(expand(scale, out_layout.size)))
 
-        bind(CppGemmTemplate, candidate.knobs).add_choices(
+        template_class(CppGemmTemplate, candidate.knobs).add_choices(
             choices, out_layout, [mat1, mat2, scale], trans_w=True, epilogue_creator=mul_epilogue
         )
     return _first(autotune_select_algorithm("_weight_int8pack_mm", choices, [mat1, mat2, scale], out_layout))
@@ -352,6 +368,129 @@ def _dequant_mm(input, weight, scale, gemm_dtype: str | None):
         return convert(lowerings[aten.mul.Tensor](out, convert(scale, gemm)), act)
 
 
+# The CPU int4 packings of ATen's weight_to_int4pack_kernel (aten/src/ATen/native/cpu/int4mm_kernel.cpp):
+# the packed [N, K/2] uint8 weight holds N in blocks of BLOCK_N = 4 float vectors (64 on AVX512,
+# 32 on AVX2 and the scalar x86 build, 16 with 128-bit vectors), each block k-major (K rows of
+# nb_size/2 bytes). In a full block's row, AVX2/AVX512 put n in byte n % (BLOCK_N/2), the low
+# nibble for the block's first half ("split"); other builds put it in byte n // 2, the low nibble
+# for even n ("pairs"); a last, partial block (N % BLOCK_N) is always in pairs. A nibble q stands
+# for (q - 8) * scale + zero, with qScaleAndZeros[k // group, n] = (scale, zero), in fp32.
+_INT4_PACKINGS = tuple((block, split) for block in (64, 32, 16) for split in (True, False))
+
+
+def _int4_full_position(n, k, depth: int, block: int, split: bool, div, mod):
+    """(byte offset, nibble: 0 low, 1 high) of w[n, k] in a full N-block of a packed weight with
+    K = depth; `div` and `mod` are floor division and modulo (ints in the probe, Inductor's sympy
+    functions in the kernel)."""
+    half = block // 2
+    base = div(n, block) * (half * depth) + k * half
+    if split:
+        return base + mod(n, half), mod(div(n, half), 2)
+    return base + div(mod(n, block), 2), mod(n, 2)
+
+
+def _int4_tail_position(n, k, size: int, depth: int, block: int, div, mod):
+    """The same in the partial last block (N % BLOCK_N rows, always in pairs)."""
+    start = size // block * block
+    return start * depth // 2 + k * ((size - start) // 2) + div(n - start, 2), mod(n, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_int4_packing(capability: str) -> tuple[int, bool] | None:
+    """The (BLOCK_N, split) packing that _convert_weight_to_int4pack_for_cpu uses in this process
+    (ATen picks it by CPU capability, ATEN_CPU_CAPABILITY included): packs a small weight with a
+    partial block and keeps the one packing that reads every value back; None when none does."""
+    import operator
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    size, depth = 3 * 64 + 16, 4
+    with unset_fake_temporarily(), torch.no_grad():
+        w = torch.randint(0, 16, (size, depth), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        flat = torch._convert_weight_to_int4pack_for_cpu(w, 1).reshape(-1).tolist()
+        values = w.tolist()
+    found = []
+    for block, split in _INT4_PACKINGS:
+        def read(n, k):
+            if n < size // block * block:
+                offset, high = _int4_full_position(n, k, depth, block, split, operator.floordiv, operator.mod)
+            else:
+                offset, high = _int4_tail_position(n, k, size, depth, block, operator.floordiv, operator.mod)
+            return flat[offset] >> 4 * high & 15 if 0 <= offset < len(flat) else -1
+        if all(read(n, k) == values[n][k] for n in range(size) for k in range(depth)):
+            found.append((block, split))
+    return found[0] if len(found) == 1 else None
+
+
+def _int4_packing() -> tuple[int, bool] | None:
+    return _probe_int4_packing(torch.backends.cpu.get_cpu_capability())
+
+
+def _dequant_int4_mm(input, weight, group_size: int, scales_and_zeros, gemm_dtype: str | None, key: ProblemKey,
+                     packing: tuple[int, bool]):
+    """x @ dequant(w).T for the CPU int4 packed weight: one pointwise kernel unpacks it to a dense
+    [N, K] weight in the GEMM dtype in each call ((q - 8) * scale + zero in fp32, as ATen's kernel
+    computes it), then a dense GEMM through ATen/oneDNN (never autotuned), cast to the activation dtype."""
+    import sympy
+    from torch._inductor import config, ir
+    from torch._inductor.lowering import lowerings
+    from torch._inductor.virtualized import ops
+    from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+
+    aten = torch.ops.aten
+    convert = lowerings[torch.ops.prims.convert_element_type.default]
+    act = input.get_dtype()
+    gemm = _GEMM_DTYPES[gemm_dtype] if gemm_dtype else act
+    n, k, block, split = key.n, key.k, *packing
+    start = n // block * block  # where the partial block begins (n when there is none)
+
+    def div(a, b):
+        return FloorDiv(a, b)
+
+    def mod(a, b):
+        return ModularIndexing(a, 1, b)
+
+    with config.patch(max_autotune=False, max_autotune_gemm=False):
+        load_byte = lowerings[aten.reshape.default](weight, [n * k // 2]).make_loader()
+        load_sz = scales_and_zeros.make_loader()
+
+        def f32(value):
+            return ops.constant(value, torch.float32)
+
+        def nibble(position):
+            """The nibble as an fp32 in 0..15, in float arithmetic (exact on 0..255): Inductor's
+            C++ backend has vector conversions for uint8 -> fp32 and fp32 -> bf16/fp16, while
+            uint8 -> int32 x 2 and int32 -> fp32 x 2 go element by element through memory."""
+            offset, high = position
+            byte = ops.to_dtype(load_byte([offset]), torch.float32)
+            hi = ops.floor(ops.mul(byte, f32(1 / 16)))
+            lo = ops.sub(byte, ops.mul(hi, f32(16.0)))
+            return ops.add(lo, ops.mul(ops.index_expr(sympy.sympify(high), torch.float32), ops.sub(hi, lo)))
+
+        def inner_fn(index):
+            nn, kk = index
+            if start == n:
+                q = nibble(_int4_full_position(nn, kk, k, block, split, div, mod))
+            elif start == 0:
+                q = nibble(_int4_tail_position(nn, kk, n, k, block, div, mod))
+            else:  # a partial last block: each formula is read only where it is in bounds
+                in_full = ops.lt(ops.index_expr(nn, torch.int64), ops.constant(start, torch.int64))
+                in_tail = ops.ge(ops.index_expr(nn, torch.int64), ops.constant(start, torch.int64))
+                full = ops.masked(in_full, lambda: nibble(_int4_full_position(nn, kk, k, block, split, div, mod)), 0.0)
+                tail = ops.masked(in_tail, lambda: nibble(_int4_tail_position(nn, kk, n, k, block, div, mod)), 0.0)
+                q = ops.where(in_full, full, tail)
+            group = div(kk, group_size)
+            scale = ops.to_dtype(load_sz([group, nn, sympy.Integer(0)]), torch.float32)
+            zero = ops.to_dtype(load_sz([group, nn, sympy.Integer(1)]), torch.float32)
+            return ops.to_dtype(ops.add(ops.mul(ops.sub(q, f32(8.0)), scale), zero), gemm)
+
+        dense = ir.Pointwise.create(device=weight.get_device(), dtype=gemm, inner_fn=inner_fn,
+                                    ranges=[sympy.Integer(n), sympy.Integer(k)])
+        x = input if gemm == act else convert(input, gemm)
+        out = lowerings[aten.mm.default](x, lowerings[aten.permute.default](dense, [1, 0]))
+        return out if gemm == act else convert(out, act)
+
+
 def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
     from torch._inductor.codegen.cpp_gemm_template import CppWoqInt4GemmTemplate
     from torch._inductor.kernel.mm_common import mm_args
@@ -359,7 +498,6 @@ def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
     from torch._inductor.select_algorithm import autotune_select_algorithm
     from torch._inductor.virtualized import V
 
-    from .template import bind
 
     m, n, k, out_layout, mat1, mat2 = mm_args(
         input, weight, layout=layout, use_4x2_dim=True, mat2_transposed=True
@@ -372,7 +510,12 @@ def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
         return DECLINE
 
     if candidate.kind == DEQUANT:
-        return _fallback_or_raise(key, candidate, "dq is int8-only (the int4 packed layout has no dense dequant here)")
+        packing = _int4_packing()
+        reason = _dequant_too_big(candidate, key) or (None if packing else (
+            "no known int4 packing reproduces what _convert_weight_to_int4pack_for_cpu writes on this host"))
+        if reason:
+            return _fallback_or_raise(key, candidate, reason)
+        return _dequant_int4_mm(mat1, mat2, key.group_size, qScaleAndZeros, candidate.gemm_dtype, key, packing)
     group_size = V.graph.add_tensor_constant(torch.tensor(qGroupSize, dtype=torch.int64), name=None)
     inputs = [mat1, mat2, group_size, qScaleAndZeros]
     choices: list = []
@@ -384,5 +527,5 @@ def _int4pack_mm(input, weight, qGroupSize, qScaleAndZeros, *, layout=None):
             reason = "the packed int4 weight is not contiguous"
         if reason:
             return _fallback_or_raise(key, candidate, reason)
-        bind(CppWoqInt4GemmTemplate[int(qGroupSize)], candidate.knobs).add_choices(choices, out_layout, inputs)
+        template_class(CppWoqInt4GemmTemplate[int(qGroupSize)], candidate.knobs).add_choices(choices, out_layout, inputs)
     return _first(autotune_select_algorithm("_weight_int4pack_mm_for_cpu", choices, inputs, out_layout))

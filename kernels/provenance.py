@@ -33,6 +33,15 @@ def template_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.cache
+def threads_hash() -> str:
+    """sha256 (16 hex) of how the nt knob reaches the template (template_threads.py). Kept apart
+    from template_hash so that adding nt left the tables and records of the other knobs fresh;
+    only what measured an nt candidate carries and checks it."""
+    with open(os.path.join(os.path.dirname(__file__), "template_threads.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def torch_version() -> str:
     from importlib.metadata import version
 

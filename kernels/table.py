@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from .candidates import ATEN, Candidate, CandidateError, check_bounds, parse, transfers_across_threads
-from .provenance import same_release
+from .provenance import same_release, threads_hash
 from .rule import Rule, RuleError, features, parse_rule, predict
 
 TABLE_SCHEMA = "kernel-farm/table/1"
@@ -195,7 +195,8 @@ def _parse_entry(raw, where: str, threads: int, torch_version: str | None, templ
         raise TableError(f"{where}.speedup_vs_aten: {speedup} is not a positive number")
     prov = _need(raw, "provenance", dict, where)
     stale = (torch_version is not None and not same_release(prov.get("torch"), torch_version)) or (
-        template_hash is not None and prov.get("template_hash") != template_hash)
+        template_hash is not None and prov.get("template_hash") != template_hash) or (
+        template_hash is not None and candidate.knobs.threads is not None and prov.get("threads_hash") != threads_hash())
     nearest = _need(raw, "nearest_m_ok", bool, where)
     return Entry(key, candidate, nearest, stale, raw)
 

@@ -5,7 +5,7 @@ import random
 import torch
 
 import kernels
-from kernels.provenance import template_hash, torch_version
+from kernels.provenance import template_hash, threads_hash, torch_version
 from kernels.table import TABLE_SCHEMA
 
 
@@ -15,7 +15,7 @@ def entry(op, dtype, m, n, k, group, winner, nearest_m_ok=False, **extra):
         "winner": winner, "median_us": 10.0, "ci95_us": [9.0, 11.0], "speedup_vs_aten": 1.2,
         "speedup_ci95": [1.1, 1.3], "runner_up": "aten", "runner_up_speedup": 1.0, "runner_up_ci95": [1.0, 1.0],
         "nearest_m_ok": nearest_m_ok, "failed": [],
-        "provenance": {"torch": torch_version(), "template_hash": template_hash(), "measured_at": "2026-11-26T00:00:00+00:00"},
+        "provenance": {"torch": torch_version(), "template_hash": template_hash(), "threads_hash": threads_hash(), "measured_at": "2026-11-26T00:00:00+00:00"},
     }
     data.update(extra)
     return data
@@ -42,7 +42,7 @@ def record(host, op, m, samples_by_candidate, n=4096, k=4096, group=None, band=0
             "problem": {"op": op, "dtype": "bf16", "m": m, "n": n, "k": k, "group_size": group, "threads": threads,
                         "weights": weights},
             "candidates": cands, "winner": None, "noise": {"band": band},
-            "provenance": {"torch": torch_version(), "template_hash": template_hash(), "measured_at": measured_at}}
+            "provenance": {"torch": torch_version(), "template_hash": template_hash(), "threads_hash": threads_hash(), "measured_at": measured_at}}
 
 
 def noisy(center, n=21, spread=0.01, seed=0):

@@ -41,3 +41,51 @@ def test_bounds_thread_factors_must_multiply_to_threads():
     with pytest.raises(CandidateError, match="k-slices"):
         check_bounds(parse("cpp[ks=-1]"), 2)
     check_bounds(parse("cpp[tf=2,1,1;cb=1,16,64;ks=1]"), 2)
+
+
+# --- nt: threads of one kernel (issue 12) -------------------------------------------------------
+
+
+def test_nt_ids_parse_in_any_order_and_print_canonically():
+    assert parse("cpp[nt=1]").knobs == Knobs(threads=1)
+    assert parse("cpp[cb=1,16,64;nt=1]").id == "cpp[nt=1;cb=1,16,64]"
+    assert parse("cpp[nt=2;tf=2,1,1]").knobs == Knobs(thread_factors=(2, 1, 1), threads=2)
+    assert parse("cpp[nt=1]").knobs.as_dict()["nt"] == 1 and not parse("cpp[nt=1]").knobs.has_blocking()
+    for bad in ("cpp[nt=x]", "cpp[nt=]", "cpp[nt=1;nt=1]"):
+        with pytest.raises(CandidateError, match="nt"):
+            parse(bad)
+
+
+def test_nt_is_bounded_by_the_process_thread_count():
+    check_bounds(parse("cpp[nt=1]"), 2)
+    check_bounds(parse("cpp[nt=3;cb=1,16,64]"), 4)
+    with pytest.raises(CandidateError, match=r"nt must be in 1\.\.1 .*nt=2 is plain cpp"):
+        check_bounds(parse("cpp[nt=2]"), 2)  # the process's own count: refused, not normalised
+    for nt in (0, -1, 3):
+        with pytest.raises(CandidateError, match="nt must be in"):
+            check_bounds(parse(f"cpp[nt={nt}]"), 2)
+    with pytest.raises(CandidateError, match="needs a process of 2 threads or more"):
+        check_bounds(parse("cpp[nt=1]"), 1)
+    with pytest.raises(CandidateError, match="nt must be in 1..1024"):
+        check_bounds(parse("cpp[nt=1025]"), 4096)
+
+
+def test_with_nt_thread_factors_multiply_to_nt_not_to_the_process_count():
+    check_bounds(parse("cpp[nt=2;tf=1,2,1]"), 4)
+    with pytest.raises(CandidateError, match="multiply to 4, not to the kernel's nt 2"):
+        check_bounds(parse("cpp[nt=2;tf=2,2,1]"), 4)
+    with pytest.raises(CandidateError, match="multiply to 2, not to the kernel's nt 1"):
+        check_bounds(parse("cpp[nt=1;tf=2,1,1]"), 2)
+
+
+def test_grids_gain_a_few_thread_counts_below_the_process_count():
+    from kernels.candidates import fewer_threads
+
+    assert [fewer_threads(t) for t in (1, 2, 3, 4, 8, 12)] == [[], [1], [1], [2, 1], [4, 2, 1], [6, 3, 1]]
+    nts = lambda threads, grid: [c.id for c in space(threads, grid) if c.knobs.threads is not None]  # noqa: E731
+    assert nts(2, "pruned") == ["cpp[nt=1]"] and nts(1, "pruned") == [] and nts(1, "exhaustive") == []
+    assert nts(8, "exhaustive") == ["cpp[nt=4]", "cpp[nt=2]", "cpp[nt=1]"]
+    assert nts(2, "minimal") == []  # minimal stays CI-sized
+    for threads in (2, 8):
+        for cand in space(threads, "pruned"):
+            check_bounds(cand, threads)

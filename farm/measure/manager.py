@@ -68,7 +68,7 @@ def _pre_unsupported(problem: Problem, ids: list[str], isa: str | None = None) -
                 out[cid] = {"status": "unsupported", "error": f"emulated {isa}: {EMULATION_BLIND_SPOT}", "compile_s": None}
     if small_m_int8_path(problem.op, problem.dtype, problem.m):
         for cid in ids:
-            if cid.startswith("cpp["):
+            if cid.startswith("cpp[") and parse(cid).knobs.has_blocking():  # nt alone applies there
                 out[cid] = {"status": "unsupported", "error": (
                     "knobs have no effect: Inductor renders int8 x bf16 with M < 16 through "
                     "SMALL_M_GEMM_TEMPLATE, which has no thread or cache blocking"), "compile_s": None}

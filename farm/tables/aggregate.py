@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateError, parse, transfers_across_threads
+from kernels.provenance import threads_hash
 from kernels.table import REGRET_THRESHOLD, TABLE_SCHEMA
 
 from farm.measure import stats
@@ -49,7 +50,20 @@ def problem_key(problem: dict) -> tuple:
 
 def is_stale(record: dict, torch_version: str, template_hash: str) -> bool:
     prov = record["provenance"]
-    return prov["torch"] != torch_version or prov["template_hash"] != template_hash
+    if prov["torch"] != torch_version or prov["template_hash"] != template_hash:
+        return True
+    # A record that timed an nt candidate also depends on how nt reaches the template.
+    return _measured_nt(record) and prov.get("threads_hash") != threads_hash()
+
+
+def _measured_nt(record: dict) -> bool:
+    for cand in record["candidates"]:
+        try:
+            if parse(cand["id"]).knobs.threads is not None:
+                return True
+        except CandidateError:
+            pass
+    return False
 
 
 def _host_name(record: dict) -> str:
@@ -193,7 +207,9 @@ def _entry(key: tuple, measured: list[dict], resamples: int) -> tuple[dict, dict
         "nearest_m_ok": False,
         "nearest_m_regret": None,
         "provenance": {"torch": records[0]["provenance"]["torch"],
-                       "template_hash": records[0]["provenance"]["template_hash"], "measured_at": latest,
+                       "template_hash": records[0]["provenance"]["template_hash"],
+                       **({"threads_hash": records[0]["provenance"]["threads_hash"]}
+                          if records[0]["provenance"].get("threads_hash") else {}), "measured_at": latest,
                        "run_ids": sorted({r["provenance"].get("run_id") for r in records if r["provenance"].get("run_id")})},
     }
     return entry, combined
