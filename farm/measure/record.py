@@ -5,6 +5,8 @@ Record format history (RECORD_SCHEMA_VERSION):
      Optional additions, readable by every reader of version 1 (issue 11): protocol.weight_state,
      processes (per worker process: rounds, A/A control, band), candidates[].per_process,
      unreliable and unreliable_reason (the A/A gate). A record without them is one process.
+     Pooling (the nightly's races) reads a stored record's processes back (process_samples) and
+     pools only records that poolable() accepts; the records stay as measured, never rewritten.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 
 from kernels.candidates import AA_CONTROL, ATEN, CandidateError, dense_temp_bytes, parse
-from kernels.provenance import template_hash, torch_version
+from kernels.provenance import template_hash, threads_hash, torch_version
 
 from farm.measure import stats
 from farm.measure.problem import Problem
@@ -224,8 +226,57 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
         "protocol": {**protocol.as_dict(), "rounds": rounds, "rounds_per_process": rounds_each, "weights": problem.weights,
                      "weight_state": {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights]},
                      "timer": "time.perf_counter_ns", "order": "shuffled per round", "ratio": "paired per round vs aten"},
-        "provenance": {"torch": torch_version(), "template_hash": template_hash(),
+        "provenance": {"torch": torch_version(), "template_hash": template_hash(), "threads_hash": threads_hash(),
                        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        "run_id": None},
         "worker": worker,
     }
+
+
+def process_samples(record: dict) -> dict[int, dict[str, list[float]]]:
+    """Each worker process's per-round times (us) by candidate, read back from a record:
+    samples_us holds the processes' rounds in process order, per_process says how many each.
+    A record without per-process round counts (one process, or written before issue 11) is
+    one process, index 0."""
+    out: dict[int, dict[str, list[float]]] = {}
+    for cand in record["candidates"]:
+        if cand["status"] != "ok" or not cand.get("samples_us"):
+            continue
+        parts = cand.get("per_process") or []
+        if not parts or any("rounds" not in p for p in parts) or sum(p["rounds"] for p in parts) != len(cand["samples_us"]):
+            parts = [{"process": 0, "rounds": len(cand["samples_us"])}]
+        start = 0
+        for part in parts:
+            out.setdefault(part["process"], {})[cand["id"]] = cand["samples_us"][start:start + part["rounds"]]
+            start += part["rounds"]
+    return out
+
+
+def process_bands(record: dict) -> dict[int, float]:
+    """Each process's own A/A band (the record's pooled band where it kept none)."""
+    rows = record.get("processes") or []
+    bands = {r.get("process", i): r.get("band", 0.0) for i, r in enumerate(rows)}
+    return bands or {0: record["noise"]["band"]}
+
+
+def _weight_state(record: dict) -> tuple:
+    return record["problem"]["weights"], ((record.get("protocol") or {}).get("weight_state") or {}).get("how")
+
+
+# What two records must share for their samples to be pooled: a pool mixes rounds, so anything
+# that changes what a round measures (the kernel, the ISA, the weight state) refuses the merge.
+POOL_CHECKS = (
+    ("problem", lambda r: {k: r["problem"].get(k) for k in ("op", "dtype", "m", "n", "k", "group_size", "threads", "weights")}),
+    ("host class", lambda r: (r["host"].get("isa"), bool(r["host"].get("emulated")))),
+    ("torch", lambda r: r["provenance"]["torch"]),
+    ("template source", lambda r: (r["provenance"]["template_hash"], r["provenance"].get("threads_hash"))),
+    ("weight state", _weight_state),
+)
+
+
+def poolable(reference: dict, other: dict) -> str | None:
+    """Why `other`'s samples may not be pooled with `reference`'s, or None when they may."""
+    for name, read in POOL_CHECKS:
+        if read(reference) != read(other):
+            return f"other {name} ({read(other)} vs {read(reference)})"
+    return None

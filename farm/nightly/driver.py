@@ -6,6 +6,12 @@
 Exit codes (for CI): 0 nothing significant, 10 significant regressions, 20 failures (a
 candidate that newly fails, a task that failed, an ISA class with no live worker). Failures
 win over regressions.
+
+Close calls are raced first (farm.nightly.race): a key whose earlier records leave its winner
+within noise of the runner-up, its processes disagreeing, or unreliable is measured before the
+other rows, pass after pass, its samples pooled with the earlier records of the same key until
+it is decided, five records are pooled (a tie) or --race-budget-s is spent; its new entry is
+what the pool decides.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from rich.console import Console
 
 from farm.tables.diff import DEFAULT_MIN_CHANGE, Change, diff_tables, summary
 from farm.errors import UserError
+from farm.nightly.race import DEFAULT_RACE_BUDGET_S, UNRELIABLE_REASON, Race, check_budget, plan, stop_reason
 from farm.sweep.spec import Spec, Task, load_spec, parse_spec
-from farm.measure.store import Store, host_name
+from farm.measure.store import Store, host_name, problem_key
 
 # 30: nothing worse happened, but ISA classes were skipped (no node serves them); diff.json and
 # the summary line name them, so a partial night is never mistaken for a green one.
@@ -37,6 +44,7 @@ class Selection:
     measure: bool
     reason: str
     shipped_winner: str | None
+    race: str | None = None  # why the key is raced tonight (farm.nightly.race), None if it is not
 
 
 @dataclass
@@ -51,6 +59,8 @@ class NightlyResult:
     wall_s: float
     tables: dict[str, str] = field(default_factory=dict)
     skipped_classes: dict[str, int] = field(default_factory=dict)  # ISA class -> rows not measured
+    races: list[dict] = field(default_factory=list)  # Race.as_dict() of every raced key
+    race_budget_s: float = DEFAULT_RACE_BUDGET_S
 
 
 def _entry_key(task: Task) -> dict:
@@ -92,7 +102,7 @@ def select(spec: Spec, shipped: dict[tuple[str, int], dict], torch_version: str,
     """Why each task of the spec is (or is not) measured tonight, those whose shipped entry came
     from unreliable records (the A/A gate) first. Pure."""
     out = []
-    unreliable = "shipped entry came from unreliable records (A/A gate)"
+    unreliable = UNRELIABLE_REASON
     for task in spec.tasks:
         doc = shipped.get((task.isa, task.problem.threads))
         entry = _find(doc, _entry_key(task))
@@ -165,11 +175,77 @@ def exit_code(changes: dict[str, list[Change]], checks: list[dict], failures: li
     return EXIT_OK
 
 
+def earlier_records(store: Store, tasks: list[Task], shipped: dict[tuple[str, int], dict], torch_version: str,
+                    template_hash: str) -> dict[tuple[str, str], list[dict]]:
+    """(isa, key) -> the stored records that decided the shipped entry (its run ids), or where the
+    store lacks them the newest record of the key; only records of tonight's torch and template.
+    A key with no shipped entry has nothing earlier to race."""
+    by_run: dict[tuple[str, str], list[dict]] = {}
+    latest = None
+    out = {}
+    for task in tasks:
+        entry = _find(shipped.get((task.isa, task.problem.threads)), _entry_key(task))
+        if entry is None:
+            continue
+        found = []
+        for run_id in entry["provenance"].get("run_ids") or []:
+            if (run_id, task.isa) not in by_run:
+                by_run[(run_id, task.isa)] = store.records(run_id, task.isa)
+            found += [r for r in by_run[(run_id, task.isa)] if problem_key(r["problem"]) == task.key]
+        if not found:
+            latest = store.latest(torch_version, template_hash) if latest is None else latest
+            found = [latest[(task.key, task.isa)]] if (task.key, task.isa) in latest else []
+        found = [r for r in found if (r["provenance"]["torch"], r["provenance"]["template_hash"]) == (torch_version, template_hash)]
+        if found:
+            out[(task.isa, task.key)] = found
+    return out
+
+
+def _race(tasks: list[Task], races: dict[tuple[str, str], Race], spec: Spec, store: Store, run_id: str,
+          budget_s: float, console: Console) -> list[str]:
+    """Measure the raced keys pass after pass (the first pass in the nightly's run, each later one
+    in a run of kind "race": the store keeps one record per run, key and host), pooling each
+    pass, until every key is decided or pools MAX_POOLED records, or the budget is spent.
+    Returns the task failures."""
+    from farm.sweep.driver import execute
+
+    failures: list[str] = []
+    start, todo, index = time.perf_counter(), list(tasks), 1
+    while todo:
+        pass_start = time.perf_counter()
+        pass_run = run_id if index == 1 else store.start_run(
+            "race", spec.raw, note=json.dumps({"nightly": run_id, "pass": index, "keys": [t.key for t in todo]}))
+        console.print(f"nightly: race pass {index}: {len(todo)} close call(s)")
+        _, task_failures, _ = execute(todo, spec, store, pass_run, None, console)
+        failures += task_failures
+        got = {(r["host"]["isa"], problem_key(r["problem"])): r for r in store.records(pass_run)}
+        for task in todo:
+            races[(task.isa, task.key)].add_pass(got.get((task.isa, task.key)))
+        if index > 1:
+            store.end_run(pass_run, "failed" if task_failures else "done", sorted({host_name(r["host"]) for r in got.values()}))
+        undecided = [t for t in todo if races[(t.isa, t.key)].open]
+        now = time.perf_counter()
+        stop = stop_reason(now - start, now - pass_start, len(todo), len(undecided), budget_s)
+        if stop:
+            for task in undecided:
+                races[(task.isa, task.key)].outcome = stop
+            break
+        todo, index = undecided, index + 1
+    return failures
+
+
+def _aggregate_input(records: list[dict], races: dict[tuple[str, str], Race]) -> list[dict]:
+    """Tonight's records, a raced key's replaced by its pool (earlier records and every pass)."""
+    raced = {k for k, race in races.items() if race.pool}
+    kept = [r for r in records if (r["host"]["isa"], problem_key(r["problem"])) not in raced]
+    return kept + [r for k in sorted(raced) for r in races[k].pool]
+
+
 def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_dir: str = "kernels/tables",
         out: str = "nightly", address: str | None = None, store_path: str | None = None,
         max_age_days: float = DEFAULT_MAX_AGE_DAYS, remeasure: set[str] | None = None,
         min_change: float = DEFAULT_MIN_CHANGE, history: int = 14, console: Console | None = None,
-        skip_missing: bool = False) -> NightlyResult:
+        skip_missing: bool = False, race_budget_s: float = DEFAULT_RACE_BUDGET_S) -> NightlyResult:
     """The whole nightly; returns what happened (exit_code for CI)."""
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
@@ -180,6 +256,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
 
     console = console or Console(stderr=True)
     start = time.perf_counter()
+    race_budget_s = check_budget(race_budget_s)
     spec = parse_spec(spec_doc, "spec") if spec_doc is not None else load_spec(spec_path)
     shipped = load_shipped(tables_dir)
     now = dt.datetime.now(dt.timezone.utc)
@@ -189,10 +266,13 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
     failures: list[str] = []
     run_id = None
     try:
-        chosen = {(s.isa, s.key): s for s in selections if s.measure}
-        tasks = [replace(t, extra=(chosen[(t.isa, t.key)].shipped_winner,) if chosen[(t.isa, t.key)].shipped_winner else (),
-                         reason=chosen[(t.isa, t.key)].reason) for t in spec.tasks if (t.isa, t.key) in chosen]
-        console.print(f"nightly: {len(tasks)} of {len(spec.tasks)} rows to measure")
+        earlier = earlier_records(store, spec.tasks, shipped, torch_version(), template_hash())
+        selections, races = plan(selections, earlier, race_budget_s)
+        by_key = {(t.isa, t.key): t for t in spec.tasks}
+        # Selection order, raced keys first: they are measured first (a separate pass, below).
+        tasks = [replace(by_key[(s.isa, s.key)], extra=(s.shipped_winner,) if s.shipped_winner else (), reason=s.reason)
+                 for s in selections if s.measure]
+        console.print(f"nightly: {len(tasks)} of {len(spec.tasks)} rows to measure, {len(races)} close call(s) raced first")
         records: list[dict] = []
         skipped_classes: dict[str, int] = {}
         if tasks and address is None:  # an embedded cluster serves this host's classes only
@@ -203,13 +283,19 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
                 with connected(address, sorted({t.isa for t in tasks})):
                     if address is not None:
                         tasks, skipped_classes = drop_unserved(tasks, address, skip_missing, console)
-                    _, task_failures, _ = execute(tasks, spec, store, run_id, None, console)
-                failures += task_failures
+                    raced = [t for t in tasks if (t.isa, t.key) in races]
+                    rest = [t for t in tasks if (t.isa, t.key) not in races]
+                    if raced:
+                        failures += _race(raced, races, spec, store, run_id, race_budget_s, console)
+                    if rest:
+                        _, task_failures, _ = execute(rest, spec, store, run_id, None, console)
+                        failures += task_failures
             except UserError as exc:  # e.g. an ISA class with no live worker: a failure CI must see
                 failures.append(str(exc))
             records = store.records(run_id)
             store.end_run(run_id, "failed" if failures else "done", sorted({host_name(r["host"]) for r in records}))
-        result = aggregate(records, torch_version(), template_hash()) if records else None
+        agg_records = _aggregate_input(records, races)
+        result = aggregate(agg_records, torch_version(), template_hash()) if agg_records else None
         new_tables = result.tables if result else {}
         changes, checks, written = {}, [], {}
         paths = table_paths(os.path.join(out, "tables"), set(shipped) | set(new_tables))
@@ -224,20 +310,22 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
             written[f"{isa}/{threads}"] = path
             old = shipped.get(isa_threads, {"entries": []})
             changes[f"{isa}/{threads}"] = diff_tables(old, merged, min_change)
-            for record in records:
+            for record in records:  # tonight's own measurement (a raced key's first pass), not the pool
                 if (record["host"]["isa"], record["problem"]["threads"]) != isa_threads:
                     continue
                 entry = _find(shipped.get(isa_threads), {k: record["problem"][k] for k in ("op", "dtype", "m", "n", "k", "group_size")})
                 if entry is not None:
                     checks.append({"isa": isa, **shipped_check(entry, record, min_change)})
         code = exit_code(changes, checks, failures, skipped_classes)
+        race_rows = [race.as_dict() for race in races.values()]
         nightly = NightlyResult(code, run_id, out, selections, changes, checks, failures, time.perf_counter() - start,
-                                written, skipped_classes)
+                                written, skipped_classes, race_rows, race_budget_s)
         with open(os.path.join(out, "diff.json"), "w") as f:
             json.dump({"exit_code": code, "run_id": run_id, "failures": failures, "skipped_classes": skipped_classes,
                        "summary": {k: summary(v) for k, v in changes.items()},
                        "changes": {k: [c.as_dict() for c in v if c.kind != "unchanged"] for k, v in changes.items()},
-                       "shipped_checks": checks, "selection": [asdict(s) for s in selections]}, f, indent=1)
+                       "shipped_checks": checks, "selection": [asdict(s) for s in selections],
+                       "race_budget_s": race_budget_s, "races": race_rows}, f, indent=1)
         write_report(nightly, shipped, {f"{i}/{t}": d for (i, t), d in new_tables.items()}, store, history)
     finally:
         store.close()
@@ -257,12 +345,16 @@ def add_arguments(p) -> None:
     p.add_argument("--history", type=int, default=14, help="nights shown in the trend")
     p.add_argument("--skip-missing", action="store_true", help="with --address: skip ISA classes no live node "
                    "serves (exit 30 when nothing worse happened) instead of failing")
+    p.add_argument("--race-budget-s", type=float, default=DEFAULT_RACE_BUDGET_S,
+                   help="seconds the night may spend racing close calls (re-measured first, pooled with their earlier "
+                        f"records until decided); the first pass always runs; 0: no racing (default {DEFAULT_RACE_BUDGET_S:g})")
 
 
 def _forwarded(args) -> list[str]:
     """The arguments again, for the same nightly run as a Ray job (driving the cluster from inside)."""
     out = [args.spec, "--tables", args.tables, "--max-age-days", str(args.max_age_days),
-           "--min-change", str(args.min_change), "--history", str(args.history), "--address", "auto"]
+           "--min-change", str(args.min_change), "--history", str(args.history), "--address", "auto",
+           "--race-budget-s", str(args.race_budget_s)]
     if args.store:
         out += ["--store", args.store]
     for key in args.remeasure:
@@ -281,7 +373,7 @@ def main_args(args) -> int:
         return submit_and_fetch(args.address, "jobs.nightly", _forwarded(args), args.out, root)
     result = run(args.spec, tables_dir=args.tables, out=args.out, address=args.address, store_path=args.store,
                  max_age_days=args.max_age_days, remeasure=set(args.remeasure), min_change=args.min_change,
-                 history=args.history, skip_missing=args.skip_missing)
+                 history=args.history, skip_missing=args.skip_missing, race_budget_s=args.race_budget_s)
     console = Console(stderr=True)
     label = {EXIT_OK: "nothing significant", EXIT_REGRESSION: "significant regressions", EXIT_FAILURE: "failures",
              EXIT_SKIPPED: "ISA classes skipped: " + ", ".join(sorted(result.skipped_classes))}

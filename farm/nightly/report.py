@@ -98,6 +98,51 @@ def _fmt_ratio(r) -> str:
     return "-" if r is None else f"{r:.3f}"
 
 
+def _confidence_text(c: dict | None) -> str:
+    """One decision's confidence: the leader's lead over the second and the processes agreeing."""
+    if c is None:
+        return "no earlier record"
+    if c["lead"] is None:
+        return f"table: `{c['winner']}`; {c.get('rule', 'no lead measured')}"
+    lo, hi = c["lead_ci95"]
+    state = "decided" if c["decided"] else ("unreliable" if c["unreliable"] else "undecided")
+    return (f"`{c['leader']}` over `{c['second']}` {c['lead']:.3f} [{lo:.3f}, {hi:.3f}] (band {c['band']:.3f}), "
+            f"{c['processes_agree']}/{c['processes']} processes, {c['rounds']} rounds; table: `{c['winner']}`; **{state}**")
+
+
+def _moved_text(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    low = "winner or runner-up changed" if m["lead_low"] is None else f"lower bound {m['lead_low']:+.3f}"
+    return f"{low}; processes agreeing {m['share']:+.0%}" + ("; **winner changed**" if m["winner_changed"] else "")
+
+
+def race_lines(races: list[dict], budget_s: float) -> list[str]:
+    """The racing section: each raced key's confidence before and after, and what was pooled."""
+    if not races:
+        return []
+    lines = ["## Close calls raced first", "",
+             f"{len(races)} key(s) raced (budget {budget_s:g} s). Confidence: the fastest candidate's paired lead over "
+             "the second per round with its 95% interval, and the processes where that lead is beyond the process's "
+             "own A/A band; decided when it is beyond the noise in enough processes.", "",
+             "| ISA | problem | why raced | passes | records pooled | before | after | moved | outcome |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in races:
+        lines.append(f"| {r['isa']} | `{r['key']}` | {r['why']} | {r['passes']} | {len(r['pooled'])} | "
+                     f"{_confidence_text(r['before'])} | {_confidence_text(r['after'])} | {_moved_text(r['moved'])} | "
+                     f"{r['outcome']} |")
+    lines.append("")
+    for r in races:
+        if not r["pooled"] and not r["left_out"]:
+            continue
+        lines.append(f"`{r['key']}` ({r['isa']}), pooled:")
+        lines += [f"- {p['source']}: run `{p['run_id']}`, host {p['host']}, {p['measured_at']}, {p['processes']} "
+                  f"process(es), {p['rounds']} rounds" for p in r["pooled"]]
+        lines += [f"- left out, {p['source']}: run `{p['run_id']}`, host {p['host']}: {p['why']}" for p in r["left_out"]]
+        lines.append("")
+    return lines
+
+
 def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: int) -> str:
     """report.md in result.out; returns its path."""
     lines = ["# kernel-farm nightly", "",
@@ -109,6 +154,7 @@ def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: 
     if result.skipped_classes:
         lines += ["## ISA classes skipped (no node serves them)", ""]
         lines += [f"- {isa}: {n} rows not measured" for isa, n in sorted(result.skipped_classes.items())] + [""]
+    lines += race_lines(result.races, result.race_budget_s)
     measured = [s for s in result.selections if s.measure]
     lines += ["## What was re-measured and why", "",
               f"{len(measured)} of {len(result.selections)} rows were re-measured; the rest were fresh.", ""]
