@@ -211,3 +211,47 @@ def test_fidelity_report_counts_agreement_on_claimed_keys_only():
     row = next(v for k, v in rep["spread"].items() if "/m1/" in k)
     assert row["aten_spread"] == pytest.approx(0.2) and row["best"] == CAND and row["processes"] == 4
     assert rep["cost"]["timing_share"] == pytest.approx(0.2)
+
+
+# --- measured vs delivered (issue 11): the farm's speedup against the speedup end to end -----
+
+
+def test_measured_vs_delivered_statistics():
+    from farm.bench.fidelity import delivered_speedup, delivered_summary, measured_vs_delivered
+
+    got = delivered_speedup([1e-4] * 11, [8e-5] * 11)  # the table's compile 1.25x faster in every round
+    assert got["speedup"] == pytest.approx(1.25) and got["ci95"] == pytest.approx([1.25, 1.25]) and got["rounds"] == 11
+    entry = {"winner": CAND, "speedup_vs_aten": 1.39, "speedup_ci95": [1.35, 1.43]}
+    far = measured_vs_delivered("k1", entry, {"speedup": 1.0, "ci95": [0.98, 1.02], "rounds": 11})
+    near = measured_vs_delivered("k2", entry, {"speedup": 1.42, "ci95": [1.40, 1.44], "rounds": 11})
+    assert far["error"] == pytest.approx(0.39) and not far["within"] and not far["intervals_overlap"]
+    assert near["error"] == pytest.approx(1.39 / 1.42 - 1) and near["within"] and near["intervals_overlap"]
+    summary = delivered_summary([far, near])
+    assert summary["within"] == 1 and summary["share_within"] == 0.5 and not summary["meets_target"]
+    assert summary["worst"]["key"] == "k1" and delivered_summary([])["share_within"] is None
+
+
+@pytest.mark.slow
+def test_delivered_speedup_of_a_real_tiny_problem(quick_protocol):
+    """A real measurement, its table, and the problem compiled with that table and with the
+    default, timed end to end in this process: the row compares the two speedups."""
+    from farm.bench.fidelity import delivered
+    from farm.measure.host import native_isa
+    from farm.sweep.spec import Task
+
+    problem = Problem("int8", "bf16", 32, 256, 512, threads=2)
+    record = measure(problem, protocol=quick_protocol, only=["cpp"])
+    assert record["winner"] is not None, record["winner_rule"]
+    out = delivered([[record]], [Task(problem, native_isa(), "tiny.p")], quick_protocol, mode="all")
+    (row,) = out["rows"]
+    winner = next(c for c in record["candidates"] if c["id"] == row["winner"])
+    # The farm's figure is the table entry's: one record, so the winner's own speedup over ATen.
+    assert row["farm"] == pytest.approx(winner["speedup_vs_aten"], abs=1e-4)
+    assert row["applied"] and row["table_choice"] == [row["winner"]], row  # the table really chose it
+    assert row["rounds"] >= quick_protocol.min_rounds and row["weight_state"]["mode"] == "warm"
+    lo, hi = row["delivered_ci95"]
+    assert 0 < lo <= row["delivered"] <= hi
+    assert row["error"] == pytest.approx(row["farm"] / row["delivered"] - 1)
+    assert out["summary"]["keys"] == 1 and out["summary"]["within"] == int(row["within"])
+    winners_only = delivered([[record]], [Task(problem, native_isa(), "tiny.p")], quick_protocol)
+    assert (len(winners_only["rows"]), len(winners_only["skipped"])) == ((0, 1) if row["winner"] == "aten" else (1, 0))

@@ -12,13 +12,21 @@ reports, as pure functions over the records:
   unreliable;
 - between-process spread per key: ATen's per-process medians (how far one process is from
   another) and the best candidate's per-process speedups;
-- wall time per problem and the timing share of it.
+- wall time per problem and the timing share of it;
+- with --delivered: the farm's speedup for the table's winner against the speedup delivered
+  end to end. The runs' records are aggregated into a table (one per weight state), and each
+  problem is compiled as a user compiles it, with that table installed and with Inductor's
+  default (ATen), both timed paired and interleaved in this process in the record's weight
+  state (farm.bench.ops's machinery); the target: within 5% on at least 90% of keys.
 
-Not here yet (issue 11): the farm's speedup against the speedup delivered end to end.
+    farm fidelity jobs/sweeps/smoke.yaml --runs 2 --delivered          keys with a non-default winner
+    farm fidelity jobs/sweeps/smoke.yaml --runs 1 --delivered all      every key (ATen winners: an A/A)
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import defaultdict
 
@@ -112,8 +120,133 @@ def report(runs: list[list[dict]]) -> dict:
             "aa": aa_summary(flat), "spread": spread(flat), "cost": cost(flat)}
 
 
-def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None) -> tuple[dict, list[list[dict]]]:
-    """Measure the spec's problems of this host's ISA class `runs` times; (report, records)."""
+# The issue's target: the farm's speedup for the shipped winner within 5% of the speedup
+# delivered end to end, on at least 90% of keys.
+DELIVERED_TOLERANCE = 0.05
+DELIVERED_TARGET_SHARE = 0.90
+DELIVERED_MODES = ("winners", "all")
+
+
+def delivered_speedup(default_s: list[float], table_s: list[float], resamples: int = 2000) -> dict:
+    """The table's end-to-end speedup over the default, from paired rounds (>1: the table is faster)."""
+    ratios = stats.paired_speedups(default_s, table_s)
+    return {"speedup": stats.median(ratios), "ci95": list(stats.bootstrap_ci(ratios, resamples)), "rounds": len(ratios)}
+
+
+def measured_vs_delivered(key: str, entry: dict, delivered: dict, tolerance: float = DELIVERED_TOLERANCE) -> dict:
+    """One key: the speedup the farm measured for the table's winner (its entry, pooled over the
+    runs) against the speedup delivered end to end; error = farm / delivered - 1."""
+    farm, got = entry["speedup_vs_aten"], delivered["speedup"]
+    error = farm / got - 1
+    return {"key": key, "winner": entry["winner"], "farm": farm, "farm_ci95": entry["speedup_ci95"],
+            "delivered": got, "delivered_ci95": delivered["ci95"], "rounds": delivered["rounds"], "error": error,
+            "within": abs(error) <= tolerance,
+            "intervals_overlap": stats.overlap(tuple(entry["speedup_ci95"]), tuple(delivered["ci95"]))}
+
+
+def delivered_summary(rows: list[dict], tolerance: float = DELIVERED_TOLERANCE,
+                      target_share: float = DELIVERED_TARGET_SHARE) -> dict:
+    """The share of keys whose farm speedup is within `tolerance` of the delivered one, and the worst."""
+    within = sum(1 for r in rows if r["within"])
+    share = within / len(rows) if rows else None
+    worst = max(rows, key=lambda r: abs(r["error"]), default=None)
+    return {"keys": len(rows), "within": within, "share_within": share, "tolerance": tolerance,
+            "target_share": target_share, "meets_target": share is not None and share >= target_share,
+            "not_applied": sum(1 for r in rows if not r.get("applied", True)),
+            "worst": {k: worst[k] for k in ("key", "winner", "farm", "delivered", "error")} if worst else None,
+            "geomean_farm_over_delivered": stats.geomean([r["farm"] / r["delivered"] for r in rows]) if rows else None}
+
+
+def time_delivered(problem, table: str, protocol) -> dict:
+    """`problem` compiled as a user gets it, with `table` installed and with Inductor's default,
+    checked against eager and timed paired and interleaved in this process, in the problem's
+    weight state (farm.bench.ops: compile_variant, run_rounds, the recompile guard)."""
+    import torch
+
+    from farm.bench.ops import compile_variant
+    from farm.measure.compiled import TOLERANCE, graphs_compiled, relative_error
+    from farm.measure.host import profile
+    from farm.measure.problem import make_operands, validate
+    from farm.measure.timing import WEIGHT_STATES, make_flush, run_rounds
+
+    validate(problem)
+    torch.set_num_threads(problem.threads)  # the table answers for its thread count only
+    operands = make_operands(problem, seed=protocol.seed)
+    with torch.no_grad():
+        reference = operands.call_eager(problem)
+    workdir = tempfile.mkdtemp(prefix="farm-delivered-")
+    fns, choice = {}, []
+    for variant in ("default", "table"):
+        compiled = compile_variant(problem, operands, variant, table, os.path.join(workdir, variant))
+        err = relative_error(compiled.output, reference)
+        if err > TOLERANCE[problem.dtype]:
+            raise RuntimeError(f"{problem.label()} compiled with the {variant}: wrong result (relative error {err:.3g})")
+        fns[variant] = compiled.fn
+        if variant == "table":  # what the lowering really chose (None: Inductor's own)
+            choice = [d["candidate"] or "inductor" for d in compiled.decisions]
+    flush = make_flush(profile().l3_bytes) if problem.weights == "cold" else None
+    before = graphs_compiled()
+    with torch.no_grad():
+        samples, _ = run_rounds(fns, operands.x, protocol, lambda **_: None, flush)
+    if graphs_compiled() != before:
+        raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
+    return {"default_s": samples["default"], "table_s": samples["table"], "table_choice": choice,
+            "weight_state": {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights]}}
+
+
+def _tables_by_weights(records: list[dict], workdir: str) -> dict[tuple[str, str, int], tuple[str, dict]]:
+    """(weights, isa, threads) -> (path, document): the runs' records aggregated into tables, one
+    per weight state, so that each key is compiled with the winner of its own weight state."""
+    from kernels.provenance import template_hash, torch_version
+    from kernels.table import dump
+
+    from farm.tables.aggregate import aggregate
+
+    out = {}
+    for weights in sorted({r["problem"]["weights"] for r in records}):
+        result = aggregate([r for r in records if r["problem"]["weights"] == weights], torch_version(), template_hash())
+        for (isa, threads), doc in result.tables.items():
+            path = os.path.join(workdir, f"{weights}-{isa}-t{threads}.yaml")
+            dump(doc, path)
+            out[(weights, isa, threads)] = (path, doc)
+    return out
+
+
+def delivered(runs: list[list[dict]], tasks: list, protocol, mode: str = "winners", progress=None) -> dict:
+    """For each task (mode "winners": those whose table winner is not ATen), the farm's speedup
+    against the delivered one; then the summary."""
+    from farm.errors import UserError
+
+    if mode not in DELIVERED_MODES:
+        raise UserError(f"--delivered: {mode!r} is not one of {', '.join(DELIVERED_MODES)}")
+    tables = _tables_by_weights([r for records in runs for r in records], tempfile.mkdtemp(prefix="farm-fidelity-"))
+    rows, skipped = [], []
+    for task in tasks:
+        p = task.problem
+        path, doc = tables.get((p.weights, task.isa, p.threads), (None, {"entries": []}))
+        key = {"op": p.op, "dtype": p.dtype, "m": p.m, "n": p.n, "k": p.k, "group_size": p.group_size}
+        entry = next((e for e in doc["entries"] if e["key"] == key), None)
+        if entry is None:
+            skipped.append({"key": task.key, "why": "no table entry (ATen did not measure ok)"})
+            continue
+        if mode == "winners" and entry["winner"] == ATEN:
+            skipped.append({"key": task.key, "why": "the default won: the table compiles the default's call"})
+            continue
+        timed = time_delivered(p, path, protocol)
+        row = measured_vs_delivered(task.key, entry, delivered_speedup(timed["default_s"], timed["table_s"],
+                                                                       protocol.bootstrap_resamples))
+        row.update(table_choice=timed["table_choice"], weight_state=timed["weight_state"],
+                   applied=bool(timed["table_choice"]) and all(c == entry["winner"] for c in timed["table_choice"]))
+        rows.append(row)
+        if progress:
+            progress(f"delivered {task.key}: {entry['winner']} farm {row['farm']:.3f} delivered {row['delivered']:.3f}")
+    return {"mode": mode, "rows": rows, "skipped": skipped, "summary": delivered_summary(rows)}
+
+
+def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None,
+        delivered_mode: str | None = None) -> tuple[dict, list[list[dict]]]:
+    """Measure the spec's problems of this host's ISA class `runs` times; (report, records).
+    delivered_mode ("winners" or "all"): also the farm's speedup against the delivered one."""
     from farm.errors import UserError
     from farm.measure.host import native_isa
     from farm.measure.manager import measure
@@ -134,7 +267,10 @@ def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None) 
                 progress(f"run {index + 1}/{runs} {task.key}: {records[-1]['winner']} "
                          f"({time.perf_counter() - start:.1f} s)")
         out.append(records)
-    return report(out), out
+    rep = report(out)
+    if delivered_mode:
+        rep["delivered"] = delivered(out, tasks, spec.protocol, delivered_mode, progress)
+    return rep, out
 
 
 def render(rep: dict, console) -> None:
@@ -150,6 +286,24 @@ def render(rep: dict, console) -> None:
         aten_spread = f"{row['aten_spread']:.1%}" if row["aten_spread"] is not None else "n/a"
         console.print(f"  {key}: winners {row['winners']}, ATen spread {aten_spread} over {row['processes']} "
                       f"processes, {row['best']} per-process speedups {row['best_speedups']}")
+    if "delivered" in rep:
+        render_delivered(rep["delivered"], console)
+
+
+def render_delivered(d: dict, console) -> None:
+    s = d["summary"]
+    share = f"{s['share_within']:.0%}" if s["share_within"] is not None else "n/a"
+    console.print(f"measured vs delivered ({d['mode']}): within {s['tolerance']:.0%} on {s['within']}/{s['keys']} keys "
+                  f"({share}; target {s['target_share']:.0%}: {'met' if s['meets_target'] else 'not met'}); "
+                  f"{len(d['skipped'])} keys skipped; {s['not_applied']} where the table did not apply its winner")
+    if s["worst"]:
+        w = s["worst"]
+        console.print(f"  worst: {w['key']} {w['winner']}: farm {w['farm']:.3f}, delivered {w['delivered']:.3f} "
+                      f"({w['error']:+.1%})")
+    for r in d["rows"]:
+        lo, hi = r["delivered_ci95"]
+        console.print(f"  {r['key']}: {r['winner']} farm {r['farm']:.3f} delivered {r['delivered']:.3f} [{lo:.3f}, {hi:.3f}] "
+                      f"({r['error']:+.1%}){'' if r['applied'] else ' table chose ' + ','.join(r['table_choice'])}")
 
 
 def main_args(args) -> int:
@@ -160,7 +314,7 @@ def main_args(args) -> int:
     from farm.render import emit
 
     console = Console(stderr=True)
-    rep, records = run(args.spec, args.runs, args.limit, console.print)
+    rep, records = run(args.spec, args.runs, args.limit, console.print, args.delivered)
     if args.records:
         with open(args.records, "w") as f:
             for r in (r for rs in records for r in rs):
@@ -170,10 +324,15 @@ def main_args(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("fidelity", help="measure a spec's problems twice: do the winners repeat? A/A, spread")
+    p = sub.add_parser("fidelity", help="measure a spec's problems twice: do the winners repeat? A/A, spread, "
+                       "measured vs delivered speedup")
     p.add_argument("spec", help="sweep spec YAML (its problems of this host's ISA class)")
     p.add_argument("--runs", type=int, default=2, help="independent runs of every problem")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--records", default=None, help="also write every record as JSON lines here")
+    p.add_argument("--delivered", nargs="?", const="winners", default=None, choices=DELIVERED_MODES,
+                   help="also compile each key with the runs' table and with the default, time both end to end "
+                        "(paired, in the record's weight state) and compare with the farm's speedup: 'winners' "
+                        "(the default) for keys with a non-default winner, 'all' for every key")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=main_args)
