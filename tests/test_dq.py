@@ -1,4 +1,5 @@
-"""dq with the GEMM dtype as a knob (issue 15), and emulation that refuses what it cannot restrict (issue 10)."""
+"""dq with the GEMM dtype as a knob (issue 15), dq for int4 (issue 12), and emulation that refuses what it
+cannot restrict (issue 10)."""
 
 import copy
 import re
@@ -48,11 +49,11 @@ def test_the_dense_temporary_is_counted_in_the_gemm_dtype():
     assert {c["id"]: c["temp_bytes"] for c in rec["candidates"]} == {"aten": 0, "dq[fp32]": 48 * 64 * 4}
 
 
-def test_every_int8_grid_measures_dq_in_the_activation_dtype_and_in_fp32():
+def test_every_int8_and_int4_grid_measures_dq_in_the_activation_dtype_and_in_fp32():
     for grid in ("minimal", "pruned", "exhaustive"):
-        ids = [c.id for c in space(THREADS, grid, "int8")]
-        assert "dq" in ids and "dq[fp32]" in ids
-        assert not any(c.startswith("dq") for c in (c.id for c in space(THREADS, grid, "int4")))
+        for op in ("int8", "int4"):
+            ids = [c.id for c in space(THREADS, grid, op)]
+            assert [c for c in ids if c.startswith("dq")] == ["dq", "dq[fp32]"], (grid, op)
 
 
 def test_a_table_naming_an_unknown_gemm_dtype_is_refused_with_one_warning(tmp_path):
@@ -175,3 +176,148 @@ def test_emulated_avx2_reports_dq_unsupported_instead_of_timing_the_hosts_own_ge
     cands = {c["id"]: c for c in rec["candidates"]}
     for cid in ("dq", "dq[fp32]"):
         assert cands[cid]["status"] == "unsupported" and "oneDNN" in cands[cid]["error"]
+
+
+# --- dq for int4 (issue 12) ------------------------------------------------------------------------
+
+
+def _pack_like_aten(w: torch.Tensor, block: int, split: bool) -> torch.Tensor:
+    """weight_to_int4pack_kernel (aten/src/ATen/native/cpu/int4mm_kernel.cpp) transcribed: N in
+    blocks of `block` rows, each block k-major; a full block in lanes (AVX512: 0|2 and 1|3 of four
+    16-row lanes, AVX2: 0|1 of two), the scalar build and any partial block in pairs."""
+    n_rows, depth = w.shape
+    v = w.tolist()
+    out = [0] * (n_rows * depth // 2)
+    for b in range(0, n_rows, block):
+        size, dst = min(block, n_rows - b), b * depth // 2
+        for k in range(depth):
+            if size == block and split and block == 64:
+                for d in range(16):
+                    out[dst + k * 32 + d] = v[b + d + 32][k] << 4 | v[b + d][k]
+                    out[dst + k * 32 + 16 + d] = v[b + d + 48][k] << 4 | v[b + d + 16][k]
+            elif size == block and split and block == 32:
+                for d in range(16):
+                    out[dst + k * 16 + d] = v[b + d + 16][k] << 4 | v[b + d][k]
+            else:
+                for n in range(0, size, 2):
+                    out[dst + k * size // 2 + n // 2] = v[b + n + 1][k] << 4 | v[b + n][k]
+    return torch.tensor(out, dtype=torch.uint8).reshape(n_rows, depth // 2)
+
+
+ATEN_PACKINGS = {"AVX512": (64, True), "AVX2": (32, True), "DEFAULT": (32, False)}
+
+
+@pytest.mark.parametrize("build", sorted(ATEN_PACKINGS))
+def test_the_int4_probe_reads_back_each_of_atens_packings(monkeypatch, build):
+    packing = ATEN_PACKINGS[build]
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", lambda w, tiles: _pack_like_aten(w, *packing))
+    assert lowering._probe_int4_packing.__wrapped__(build) == packing
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", lambda w, tiles: w[:, ::2].to(torch.uint8))
+    assert lowering._probe_int4_packing.__wrapped__(build) is None  # an unknown packing: dq declines
+
+
+def test_this_hosts_int4_packing_is_atens_as_transcribed():
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ATEN_PACKINGS:
+        pytest.skip(f"no transcription of ATen's int4 packing for CPU capability {capability}")
+    assert lowering._int4_packing() == ATEN_PACKINGS[capability]
+    w = torch.randint(0, 16, (80, 6), dtype=torch.int32, generator=torch.Generator().manual_seed(1))  # 64 + a 16 tail
+    assert torch.equal(torch._convert_weight_to_int4pack_for_cpu(w, 1), _pack_like_aten(w, *ATEN_PACKINGS[capability]))
+
+
+def test_an_emulated_int4_dq_is_reported_unsupported(monkeypatch):
+    from farm.measure import manager
+
+    monkeypatch.setattr(manager, "native_isa", lambda: "avx512")
+    out = manager._pre_unsupported(Problem("int4", "bf16", 32, 256, 256, 64, threads=THREADS),
+                                   ["aten", "dq", "dq[fp32]", "cpp"], isa="avx2")
+    assert sorted(out) == ["dq", "dq[fp32]"] and all(r["status"] == "unsupported" for r in out.values())
+
+
+@pytest.fixture
+def num_threads():
+    """torch.set_num_threads for one test, given back after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _compile_int4(tmp_path, winner: str, problem: Problem, tag: str):
+    from farm.measure.compiled import fresh_module
+
+    path = tmp_path / f"{tag}.yaml"
+    key = (problem.op, problem.dtype, problem.m, problem.n, problem.k, problem.group_size)
+    path.write_text(yaml.safe_dump(table_doc([entry(*key, winner)], threads=problem.threads)))
+    ops = make_operands(problem, 5)
+    module = fresh_module(problem, ops)
+    with torch.no_grad():
+        reference = ops.call_eager(problem)
+    lowering.clear_decisions()
+    with kernels.installed(str(path), strict=True), torch.no_grad(), \
+            config.patch(freezing=True, force_disable_caches=True):
+        out, sources = _run_and_get_code(torch.compile(module), ops.x)
+    return out, reference, "\n".join(sources), lowering.decisions()
+
+
+def _kernels_reading_the_packed_weight(code: str) -> list[str]:
+    """The calls in the generated wrapper that take the frozen uint8 (packed int4) weight."""
+    (weight,) = re.findall(r"^(_frozen_param\d+) = None  # device\(type='cpu'\) torch\.uint8", code, re.M)
+    return re.findall(rf"^\s+(\S+)\(.*\b{weight}\b.*\)$", code.split("def call(", 1)[1], re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,threads", [("bf16", 1), ("bf16", 2), ("fp16", 1), ("fp32", 2)])
+def test_int4_dq_compiles_unpacks_in_one_kernel_and_matches_eager(tmp_path, num_threads, dtype, threads):
+    from farm.measure.compiled import kernel_summary
+
+    num_threads(threads)
+    problem = Problem("int4", dtype, 8, 64, 128, 32, threads=threads)
+    for winner, gemm in (("dq", dtype), ("dq[fp32]", "fp32")):
+        tag = f"int4-{dtype}-t{threads}-{winner}"
+        out, reference, code, decisions = _compile_int4(tmp_path, winner, problem, tag)
+        assert [(d.candidate, d.source) for d in decisions] == [(winner, "table")], tag
+        assert out.dtype == TORCH_DTYPES[dtype] and relative_error(out, reference) <= TOLERANCE[dtype], tag
+        # One generated kernel unpacks the weight, one dense GEMM in the GEMM dtype, no ATen int4 kernel.
+        readers = _kernels_reading_the_packed_weight(code)
+        assert len(readers) == 1 and readers[0].startswith("cpp_fused"), (tag, readers)
+        assert code.count("extern_kernels.mm(") == 1 and not kernel_summary([code])["extern_aten"], tag
+        assert _mm_out_dtype(code) == {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[gemm], tag
+        assert ("#pragma omp parallel" in code) == (threads > 1), tag  # compiled for the thread count asked
+
+
+@pytest.mark.slow
+def test_int4_dq_reads_a_partial_last_block_of_the_packing(tmp_path, num_threads):
+    # N = 80: 64 rows in full blocks and a 16-row partial block (packed in pairs) on AVX2 and AVX512.
+    num_threads(1)
+    problem = Problem("int4", "bf16", 4, 80, 64, 32, threads=1)
+    out, reference, code, decisions = _compile_int4(tmp_path, "dq[fp32]", problem, "int4-tail")
+    assert [(d.candidate, d.source) for d in decisions] == [("dq[fp32]", "table")]
+    assert relative_error(out, reference) <= TOLERANCE["bf16"]
+
+
+@pytest.mark.slow
+def test_int4_dq_over_the_temporary_bound_is_declined_to_inductor(tmp_path, monkeypatch, num_threads):
+    num_threads(THREADS)
+    problem = Problem("int4", "bf16", 8, 64, 128, 32, threads=THREADS)
+    monkeypatch.setenv("KERNEL_FARM_DQ_MAX_BYTES", str(64 * 128 * 4 - 1))  # one byte short of fp32 64x128
+    out, reference, code, decisions = _compile_int4(tmp_path, "dq[fp32]", problem, "int4-bound")
+    assert [(d.candidate, d.source) for d in decisions][-1] == (None, "inductor")
+    assert "KERNEL_FARM_DQ_MAX_BYTES" in decisions[-1].note
+    assert "extern_kernels.mm(" not in code and relative_error(out, reference) <= TOLERANCE["bf16"]
+
+
+@pytest.mark.slow
+def test_int4_dq_is_measured_like_any_candidate(quick_protocol):
+    from farm.measure.manager import measure
+
+    problem = Problem("int4", "bf16", 4, 64, 128, 32, threads=THREADS)
+    rec = measure(problem, protocol=quick_protocol, only=["dq", "dq[fp32]"])
+    cands = {c["id"]: c for c in rec["candidates"]}
+    for cid, width in (("dq", 2), ("dq[fp32]", 4)):
+        row = cands[cid]
+        assert row["status"] == "ok", row
+        assert row["max_rel_err"] <= TOLERANCE["bf16"] and row["median_us"] > 0
+        assert len(row["samples_us"]) == rec["protocol"]["rounds"]
+        assert not row["kernel"]["extern_aten"] and not row["kernel"]["template"]
+        assert row["kernel"]["code_sha"] != cands["aten"]["kernel"]["code_sha"]
+        assert row["temp_bytes"] == problem.n * problem.k * width
