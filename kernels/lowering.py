@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds, dense_temp_bytes, small_m_int8_path
+from .candidates import ATEN, DEQUANT, DTYPE_BYTES, Candidate, CandidateError, check_bounds, dense_temp_bytes, small_m_int8_path
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _GEMM_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -341,6 +341,11 @@ def dequant_max_bytes() -> int:
 
 
 def _dequant_too_big(candidate: Candidate, key: ProblemKey) -> str | None:
+    """Why a table's dq must not run here (None: it may)."""
+    if DTYPE_BYTES[candidate.gemm_dtype or key.dtype] < DTYPE_BYTES[key.dtype]:
+        # The farm never measures it as a winner (it fails the fp32 tolerance); a table from
+        # elsewhere must not quietly run an fp32 model's matmul in 16 bits.
+        return f"its {candidate.gemm_dtype} GEMM is narrower than the {key.dtype} activations"
     size, limit = dense_temp_bytes(candidate, key.dtype, key.n, key.k), dequant_max_bytes()
     if size > limit:
         return (f"its dense {key.n}x{key.k} weight needs {size} bytes per call, over the {limit} byte bound "

@@ -74,8 +74,9 @@ class Outcome:
 
 def _winners(op: str, threads: int) -> list[str]:
     """Table winners a case may name (valid for this thread count)."""
-    common = ["aten", "cpp", "cpp[cb=1,4,16]", f"cpp[tf=1,{threads},1]", f"cpp[tf={threads},1,1;ks=1]"]
-    return common + (["dq", "dq[fp32]", "dq[bf16]"] if op == "int8" else [])
+    common = ["aten", "cpp", "cpp[cb=1,4,16]", f"cpp[tf=1,{threads},1]", f"cpp[tf={threads},1,1;ks=1]",
+              "dq", "dq[fp32]", "dq[bf16]"]
+    return common + (["cpp[nt=1]"] if threads > 1 else [])
 
 
 def cases(threads: int | None = None):
