@@ -262,7 +262,9 @@ def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None,
         records = []
         for task in tasks:
             start = time.perf_counter()
-            records.append(measure(task.problem, grid=spec.space, protocol=spec.protocol, isa=isa))
+            record = measure(task.problem, grid=spec.space, protocol=spec.protocol, isa=isa)
+            record["label"] = task.label  # model.layer, as a sweep stores it (the rule's families)
+            records.append(record)
             if progress:
                 progress(f"run {index + 1}/{runs} {task.key}: {records[-1]['winner']} "
                          f"({time.perf_counter() - start:.1f} s)")
