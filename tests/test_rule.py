@@ -161,3 +161,20 @@ def test_one_family_is_not_enough_to_ship_a_rule():
     result = aggregate(records, torch_version(), template_hash(), resamples=200)
     doc = result.tables[("avx2", 2)]
     assert doc["rule"] is None and "1 model family" in doc["rule_status"]
+
+
+def test_an_op_measured_in_one_family_only_stays_outside_the_rules_domain():
+    """int4 keys of one family cannot be validated leaving a family out: the rule must not
+    answer int4 from leaves the int8 keys of two families shaped (found on real records)."""
+    widths = {"Llama": (1024, 2048, 4096), "Qwen": (1536, 3072, 6144)}
+    records = [_records(f, m, n, 80 if m <= 16 else 104, seed=i)
+               for i, (f, m, n) in enumerate((f, m, n) for f in widths for m in (1, 16, 128, 512) for n in widths[f])]
+    for i, m in enumerate((1, 128)):
+        rec = record("h", "int4", m, {"aten": noisy(100, seed=90 + i), "aten~aa": noisy(100, seed=95 + i),
+                                      "dq[fp32]": noisy(70, seed=99 + i)}, n=3072, k=2048, group=128, isa="avx2")
+        rec["label"] = "Qwen-1B.proj"
+        records.append(rec)
+    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", 2)]
+    assert doc["rule"] is not None, doc["rule_status"]
+    assert doc["rule"]["domain"] == [["int8", "bf16"]]
+    assert not parse_rule(doc["rule"], "rule", 2).covers("int4", "bf16")

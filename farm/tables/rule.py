@@ -169,12 +169,22 @@ def build_rule(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict],
     families = {s.family for s in samples}
     if len(families) < MIN_FAMILIES:
         return None, f"records of {len(families)} model family(ies): a rule needs {MIN_FAMILIES} to be validated"
+    # (op, dtype) pairs it answers for: only those with records of MIN_FAMILIES families, the
+    # ones leaving a family out validated. A pair measured in one family (int4 of one model, say)
+    # would let leaves trained on the other op answer for it unchecked: the tree need not split
+    # on `int4` where the training set has one family's int4 keys.
+    pair_families: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for s in samples:
+        pair_families[(s.key[0], s.key[1])].add(s.family)
+    domain = sorted(pair for pair, fams in pair_families.items() if len(fams) >= MIN_FAMILIES)
+    if not domain:
+        return None, f"no (op, dtype) with records of {MIN_FAMILIES} model families: nothing the rule could be validated on"
+    samples = [s for s in samples if (s.key[0], s.key[1]) in set(domain)]  # trained and validated on what it answers
     tried = []
     for depth in depths:
         validation = validate(samples, depth)
         if validation["losses_vs_default"] == 0 and validation["decided"]:
             nodes = train(samples, depth)
-            domain = sorted({(s.key[0], s.key[1]) for s in samples})  # (op, dtype): it answers for nothing else
             return {"features": list(FEATURES), "nodes": nodes, "validation": {**validation, "depth": depth},
                     "domain": [list(pair) for pair in domain],
                     "trained_on": {"problems": len(samples), "families": sorted(families)}}, f"validated at depth {depth}"
