@@ -160,36 +160,19 @@ def delivered_summary(rows: list[dict], tolerance: float = DELIVERED_TOLERANCE,
 def time_delivered(problem, table: str, protocol) -> dict:
     """`problem` compiled as a user gets it, with `table` installed and with Inductor's default,
     checked against eager and timed paired and interleaved in this process, in the problem's
-    weight state (farm.bench.ops: compile_variant, run_rounds, the recompile guard)."""
-    import torch
+    weight state (farm.bench.ops: the same steps as `farm bench kernels`)."""
+    from farm.bench.ops import compile_checked, prepare, time_interleaved
+    from farm.measure.timing import WEIGHT_STATES
 
-    from farm.bench.ops import compile_variant
-    from farm.measure.compiled import TOLERANCE, graphs_compiled, relative_error
-    from farm.measure.host import profile
-    from farm.measure.problem import make_operands, validate
-    from farm.measure.timing import WEIGHT_STATES, make_flush, run_rounds
-
-    validate(problem)
-    torch.set_num_threads(problem.threads)  # the table answers for its thread count only
-    operands = make_operands(problem, seed=protocol.seed)
-    with torch.no_grad():
-        reference = operands.call_eager(problem)
+    operands, reference = prepare(problem, protocol)
     workdir = tempfile.mkdtemp(prefix="farm-delivered-")
     fns, choice = {}, []
     for variant in ("default", "table"):
-        compiled = compile_variant(problem, operands, variant, table, os.path.join(workdir, variant))
-        err = relative_error(compiled.output, reference)
-        if err > TOLERANCE[problem.dtype]:
-            raise RuntimeError(f"{problem.label()} compiled with the {variant}: wrong result (relative error {err:.3g})")
+        compiled, _ = compile_checked(problem, operands, reference, variant, table, os.path.join(workdir, variant))
         fns[variant] = compiled.fn
         if variant == "table":  # what the lowering really chose (None: Inductor's own)
             choice = [d["candidate"] or "inductor" for d in compiled.decisions]
-    flush = make_flush(profile().l3_bytes) if problem.weights == "cold" else None
-    before = graphs_compiled()
-    with torch.no_grad():
-        samples, _ = run_rounds(fns, operands.x, protocol, lambda **_: None, flush)
-    if graphs_compiled() != before:
-        raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
+    samples = time_interleaved(fns, problem, operands, protocol)
     return {"default_s": samples["default"], "table_s": samples["table"], "table_choice": choice,
             "weight_state": {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights]}}
 

@@ -28,7 +28,7 @@ from farm.measure import stats
 from farm.measure.compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_candidate, fresh_module,
                        graphs_compiled, relative_error)
 from farm.errors import UserError
-from farm.measure.problem import Problem, make_operands, validate
+from farm.measure.problem import Operands, Problem, make_operands, validate
 from farm.measure.protocol import Protocol
 from farm.render import emit
 from farm.measure.timing import run_rounds
@@ -72,21 +72,50 @@ def _summary_of(samples: list[float], reference: list[float]) -> dict:
             "speedup_vs_default": stats.median(speedups), "speedup_ci95": list(stats.bootstrap_ci(speedups))}
 
 
-def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: Protocol | None = None) -> dict:
-    """All four variants of one problem, timed interleaved in this process."""
-    protocol = protocol or Protocol()
+def prepare(problem: Problem, protocol: Protocol) -> tuple[Operands, torch.Tensor]:
+    """Validate `problem`, run this process at its thread count, and make its operands and the
+    eager reference every compiled variant is checked against."""
     validate(problem)
-    torch.set_num_threads(problem.threads)
+    torch.set_num_threads(problem.threads)  # a table answers for its own thread count
     operands = make_operands(problem, seed=protocol.seed)
     with torch.no_grad():
         reference = operands.call_eager(problem)
+    return operands, reference
+
+
+def compile_checked(problem: Problem, operands: Operands, reference: torch.Tensor, variant: str, table: str | None,
+                    cache_dir: str) -> tuple[CompiledCandidate, float]:
+    """compile_variant, then (the compiled variant, its relative error); a wrong result raises."""
+    c = compile_variant(problem, operands, variant, table, cache_dir)
+    err = relative_error(c.output, reference)
+    if err > TOLERANCE[problem.dtype]:
+        raise RuntimeError(f"{problem.label()} compiled with the {variant}: wrong result (relative error {err:.3g})")
+    return c, err
+
+
+def time_interleaved(fns: dict, problem: Problem, operands: Operands, protocol: Protocol) -> dict[str, list[float]]:
+    """Per-round seconds of every callable, interleaved with the farm's protocol in the problem's
+    weight state; a graph compiled while timing means some callable did not run its own kernel."""
+    from farm.measure.host import profile
+    from farm.measure.timing import make_flush
+
+    flush = make_flush(profile().l3_bytes) if problem.weights == "cold" else None
+    before = graphs_compiled()
+    with torch.no_grad():
+        samples, _ = run_rounds(fns, operands.x, protocol, _noop, flush)
+    if graphs_compiled() != before:
+        raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
+    return samples
+
+
+def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: Protocol | None = None) -> dict:
+    """All four variants of one problem, timed interleaved in this process."""
+    protocol = protocol or Protocol()
+    operands, reference = prepare(problem, protocol)
     workdir = tempfile.mkdtemp(prefix="farm-bench-")
     fns, compile_s, errors, decisions = {}, {}, {}, {}
     for variant in VARIANTS:
-        c = compile_variant(problem, operands, variant, table, os.path.join(workdir, variant))
-        err = relative_error(c.output, reference)
-        if err > TOLERANCE[problem.dtype]:
-            raise RuntimeError(f"{variant}: wrong result (relative error {err:.3g})")
+        c, err = compile_checked(problem, operands, reference, variant, table, os.path.join(workdir, variant))
         fns[variant], compile_s[variant], errors[variant], decisions[variant] = c.fn, c.compile_s, err, c.decisions
     from kernels import lowering
 
@@ -101,15 +130,7 @@ def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: 
             lowering.unregister()
         if relative_error(c.output, reference) <= TOLERANCE[problem.dtype]:
             fns[cand.id] = c.fn
-    from farm.measure.host import profile
-    from farm.measure.timing import make_flush
-
-    flush = make_flush(profile().l3_bytes) if problem.weights == "cold" else None
-    before = graphs_compiled()
-    with torch.no_grad():
-        samples, _ = run_rounds(fns, operands.x, protocol, _noop, flush)
-    if graphs_compiled() != before:
-        raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
+    samples = time_interleaved(fns, problem, operands, protocol)
     base = samples["default"]
     results = {name: _summary_of(samples[name], base) for name in fns}
     candidates = {k: v for k, v in results.items() if k not in VARIANTS}
