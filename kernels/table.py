@@ -432,11 +432,11 @@ def transfer(tables: list[Table], op: str, dtype: str, m: int | None, n: int, k:
     notes = ["no table entry"]
     if with_family:
         nearest = {t.threads: min(families[t.threads], key=lambda e: (_log_distance(e.key.m, m), e.key.m)) for t in with_family}
+        where = ", ".join(f"{th}: M={e.key.m}" for th, e in nearest.items())
         choice, why = _agreed({th: e.candidate if e.nearest_m_ok else None for th, e in nearest.items()},
-                              "the nearest-M entries (" + ", ".join(f"{th}: M={e.key.m}" for th, e in nearest.items()) + ")")
+                              f"the nearest-M entries ({where})")
         if choice is not None:
-            return choice, "table:transfer", f"M={m}: the nearest-M entries of {_counts(with_family)} agree (" + \
-                ", ".join(f"{th}: M={e.key.m}" for th, e in nearest.items()) + ")"
+            return choice, "table:transfer", f"M={m}: the nearest-M entries of {_counts(with_family)} agree ({where})"
         notes = [why]
     rules = {t.threads: _by_rule(t, op, dtype, m, n, k, group_size, "") for t in tables}
     choice, why = _agreed({th: c for th, (c, _, _) in rules.items()}, "the rules")
