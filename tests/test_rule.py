@@ -1,6 +1,7 @@
 """The learned rule for unmeasured shapes (issue 9): training, validation, shipping as data, lookup."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -131,6 +132,21 @@ def test_leave_one_family_out_counts_losses_and_a_losing_rule_is_not_shipped():
     result = validate(samples, depth=2)
     assert result["losses_vs_default"] == 9 and result["held_out_problems"] == 18
     assert result["families"] == ["A", "B"]
+
+
+def test_gain_captured_counts_unsure_held_out_problems_as_the_default():
+    # Decode: cpp 1.44x in both families, the rule learns it. Prefill: cpp 1.44x in A, ATen best
+    # in B: held-out A's prefill is unsure (default, 1.0) while its oracle is 1.44x.
+    samples = [_sample(f, m, n, {"cpp": 1.44}) for f in ("A", "B") for m in (1, 2) for n in (1024, 4096)]
+    samples += [_sample("A", m, n, {"cpp": 1.44}) for m in (256, 512) for n in (1024, 4096)]
+    samples += [_sample("B", m, n, {"cpp": 0.9}) for m in (256, 512) for n in (1024, 4096)]
+    v = validate(samples, depth=2)
+    assert v["held_out_problems"] == 16
+    # oracle: 12 problems at 1.44, 4 at 1.0; rule: at most the 8 decode ones at 1.44
+    assert v["oracle_geomean"] == pytest.approx(1.44 ** (12 / 16), abs=1e-3)
+    assert v["speedup_geomean"] <= 1.44 ** (8 / 16) + 1e-3
+    assert v["gain_captured"] == pytest.approx(math.log(v["speedup_geomean"]) / math.log(v["oracle_geomean"]), abs=1e-3)
+    assert v["gain_captured"] <= 8 / 12 + 1e-3
 
 
 def _records(family, m, n, cpp_ms, seed=0):

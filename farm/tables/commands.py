@@ -109,7 +109,16 @@ def rule_summary(doc: dict) -> str:
             f"{rule['trained_on']['problems']} problems of {', '.join(rule['trained_on']['families'])}. "
             f"{v['method']}: {v['decided']} of {v['held_out_problems']} held-out problems decided, "
             f"{v['losses_vs_default']} slower than the default beyond noise, regret vs the oracle geomean "
-            f"{v['regret_geomean']}, p95 {v['regret_p95']}, worst {v['regret_worst']}")
+            f"{v['regret_geomean']}, p95 {v['regret_p95']}, worst {v['regret_worst']}" + _gain(v))
+
+
+def _gain(v: dict) -> str:
+    """Tables built before the gain fields have none."""
+    if "speedup_geomean" not in v:
+        return ""
+    captured = "n/a (no oracle gain)" if v.get("gain_captured") is None else f"{100 * v['gain_captured']:.0f}%"
+    return (f"; over all held-out problems (default where unsure) {v['speedup_geomean']}x of the oracle's "
+            f"{v['oracle_geomean']}x: {captured} of its gain captured")
 
 
 def check(path: str) -> list[str]:
