@@ -134,6 +134,26 @@ def test_leave_one_family_out_counts_losses_and_a_losing_rule_is_not_shipped():
     assert result["families"] == ["A", "B"]
 
 
+def test_the_tree_splits_on_the_op_first_and_each_op_gets_its_own_subtree():
+    # int8: cpp wins decode, ATen prefill. int4 (no template): ATen at decode, dq[fp32] prefill.
+    def s4(f, m, n, speedups):
+        return Sample(("int4", "bf16", m, n, 2048, 128), f, features("int4", "bf16", m, n, 2048, 128),
+                      {"aten": 1.0, **speedups}, 0.02)
+
+    samples = [_sample(f, m, n, {"cpp": 1.3 if m < 64 else 0.9}) for f in ("A", "B") for m in (1, 8, 128, 512)
+               for n in (1024, 4096)]
+    samples += [s4(f, m, n, {"dq[fp32]": 0.2 if m < 64 else 1.3}) for f in ("A", "B") for m in (1, 8, 128, 512)
+                for n in (1024, 4096)]
+    nodes = train(samples, depth=2)
+    assert nodes[0]["feature"] == "int4" and nodes[0]["threshold"] == 0.5
+    rule = parse_rule(_rule(nodes, domain=(("int8", "bf16"), ("int4", "bf16"))), "rule", THREADS)
+    assert predict(rule, features("int8", "bf16", 4, 2048, 2048, None))[0] == parse("cpp")
+    assert predict(rule, features("int8", "bf16", 256, 2048, 2048, None))[0] == parse("aten")
+    assert predict(rule, features("int4", "bf16", 4, 2048, 2048, 128))[0] == parse("aten")
+    assert predict(rule, features("int4", "bf16", 256, 2048, 2048, 128))[0] == parse("dq[fp32]")
+    assert validate(samples, depth=2)["losses_vs_default"] == 0
+
+
 def test_gain_captured_counts_unsure_held_out_problems_as_the_default():
     # Decode: cpp 1.44x in both families, the rule learns it. Prefill: cpp 1.44x in A, ATen best
     # in B: held-out A's prefill is unsure (default, 1.0) while its oracle is 1.44x.

@@ -90,6 +90,24 @@ def _leaf_choice(members: list[Sample], margin: float = GAIN_MARGIN) -> str | No
 
 
 def train(samples: list[Sample], depth: int = DEFAULT_DEPTH, min_leaf: int = MIN_SAMPLES_LEAF) -> list[dict]:
+    """The op first, then a tree per op: int8 and int4 run different kernels (on AVX2 the
+    template has no int4 path at all), and a greedy tree of bounded depth trained on both would
+    spend its splits on one op and leave mixed, hence unsure, leaves for the other."""
+    by_op: dict[bool, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_op[s.feats["int4"] > 0.5].append(s)
+    if len(by_op) < 2:
+        return _train_one(samples, depth, min_leaf)
+    nodes: list[dict] = [{"feature": "int4", "threshold": 0.5}]
+    for side, int4 in (("left", False), ("right", True)):
+        sub = _train_one(by_op[int4], depth, min_leaf)
+        offset = len(nodes)
+        nodes[0][side] = offset
+        nodes += [{**n, "left": n["left"] + offset, "right": n["right"] + offset} if "leaf" not in n else n for n in sub]
+    return nodes
+
+
+def _train_one(samples: list[Sample], depth: int, min_leaf: int) -> list[dict]:
     """Fit a tree on the samples' best candidates; relabel its leaves by the safety rule."""
     from sklearn.tree import DecisionTreeClassifier
 
