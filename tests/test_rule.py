@@ -108,9 +108,16 @@ def test_lookup_order_exact_then_nearest_m_then_rule_then_inductor(tmp_path):
 # --- training and validation (farm side) ---------------------------------------------------------
 
 
-def _sample(family, m, n, speedups, band=0.02):
-    return Sample(("int8", "bf16", m, n, 2048, None), family, features("int8", "bf16", m, n, 2048, None),
-                  {"aten": 1.0, **speedups}, band)
+def _winner(speedups, band):
+    """The farm's decision for these speedups, where every process agrees."""
+    best = max(speedups, key=speedups.get)
+    return best if speedups[best] > 1 + band else "aten"
+
+
+def _sample(family, m, n, speedups, band=0.02, op="int8", group=None, winner=None):
+    speedups = {"aten": 1.0, **speedups}
+    return Sample((op, "bf16", m, n, 2048, group), family, features(op, "bf16", m, n, 2048, group),
+                  speedups, band, winner or _winner(speedups, band))
 
 
 def test_a_leaf_names_only_a_candidate_that_gained_on_every_problem_in_it():
@@ -137,8 +144,7 @@ def test_leave_one_family_out_counts_losses_and_a_losing_rule_is_not_shipped():
 def test_the_tree_splits_on_the_op_first_and_each_op_gets_its_own_subtree():
     # int8: cpp wins decode, ATen prefill. int4 (no template): ATen at decode, dq[fp32] prefill.
     def s4(f, m, n, speedups):
-        return Sample(("int4", "bf16", m, n, 2048, 128), f, features("int4", "bf16", m, n, 2048, 128),
-                      {"aten": 1.0, **speedups}, 0.02)
+        return _sample(f, m, n, speedups, op="int4", group=128)
 
     samples = [_sample(f, m, n, {"cpp": 1.3 if m < 64 else 0.9}) for f in ("A", "B") for m in (1, 8, 128, 512)
                for n in (1024, 4096)]
@@ -214,3 +220,35 @@ def test_an_op_measured_in_one_family_only_stays_outside_the_rules_domain():
     assert doc["rule"] is not None, doc["rule_status"]
     assert doc["rule"]["domain"] == [["int8", "bf16"]]
     assert not parse_rule(doc["rule"], "rule", 2).covers("int4", "bf16")
+
+
+def test_an_op_that_loses_on_a_held_out_family_leaves_the_domain_and_the_other_op_still_ships():
+    """The real AVX2 case: int4 prefill, dq[fp32] wins on one family's layers and loses on the
+    other's; leaving a family out, every depth loses there. int8 validates: its rule ships alone."""
+    widths = {"Llama": (1024, 2048, 4096), "Qwen": (1536, 3072, 6144)}
+    records = [_records(f, m, n, 80 if m <= 16 else 104, seed=i)
+               for i, (f, m, n) in enumerate((f, m, n) for f in widths for m in (1, 16, 128, 512) for n in widths[f])]
+    for i, (f, m, n) in enumerate((f, m, n) for f in widths for m in (128, 512) for n in widths[f]):
+        dq_ms = 70 if f == "Llama" else 140
+        rec = record("h", "int4", m, {"aten": noisy(100, seed=200 + i), "aten~aa": noisy(100, seed=300 + i),
+                                      "dq[fp32]": noisy(dq_ms, seed=400 + i)}, n=n, k=2048, group=128, isa="avx2")
+        rec["label"] = f"{f}-1B.proj"
+        records.append(rec)
+    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", 2)]
+    assert doc["rule"] is not None, doc["rule_status"]
+    assert doc["rule"]["domain"] == [["int8", "bf16"]]
+    assert "int4" in doc["rule_status"] and "left out" in doc["rule_status"]
+    v = doc["rule"]["validation"]
+    assert v["losses_vs_default"] == 0 and set(v["depth_by_op"]) == {"int8"} and v["excluded"][0].startswith("int4:")
+    rule = parse_rule(doc["rule"], "rule", 2)
+    assert not rule.covers("int4", "bf16")
+    assert predict(rule, features("int8", "bf16", 4, 3072, 2048, None))[0] == parse("cpp")
+
+
+def test_a_median_lead_the_farm_did_not_decide_is_no_gain_for_a_leaf():
+    # cpp leads 1.2x in the pooled median on every problem, but the farm's entries kept ATen
+    # (the lead did not hold in enough processes): the leaf may say ATen or be unsure, never cpp.
+    samples = [_sample(f, m, n, {"cpp": 1.2}, winner="aten") for f in ("A", "B") for m in (1, 8) for n in (1024, 4096)]
+    nodes = train(samples, depth=2)
+    assert all(n.get("leaf") != "cpp" for n in nodes)
+    assert validate(samples, depth=2)["speedup_geomean"] == 1.0

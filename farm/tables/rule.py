@@ -24,7 +24,9 @@ from farm.measure import stats
 
 # Depths tried, deepest first; the deepest with no held-out loss ships. A 2-core host affords
 # tens of problems per ISA class: deeper trees only memorise them.
-DEPTHS = (4, 3, 2)
+# Chosen per op: int8 and int4 are separate subtrees, validated one by one. Depth 1 is a
+# stump (decode vs prefill, say): the last resort before an op leaves the rule's domain.
+DEPTHS = (4, 3, 2, 1)
 DEFAULT_DEPTH = 4
 MIN_SAMPLES_LEAF = 2
 # Held-out families a rule must be validated on before it ships.
@@ -38,13 +40,15 @@ GAIN_MARGIN = 0.05
 
 @dataclass
 class Sample:
-    """One measured problem: its features and each ok candidate's median paired speedup."""
+    """One measured problem: its features, each ok candidate's median paired speedup, and the
+    table entry's winner (the farm's decision: a lead beyond the noise in enough processes)."""
 
     key: tuple
     family: str
     feats: dict[str, float]
     speedups: dict[str, float]
     band: float
+    winner: str = ATEN
 
     def best(self) -> float:
         return max(self.speedups.values())
@@ -64,7 +68,7 @@ def family_of(label: str | None) -> str:
 def samples_from(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict]) -> list[Sample]:
     """One sample per key: the statistics its table entry was decided on (`combined`, from
     farm.tables.aggregate; keys without an entry have no ATen baseline and are left out)."""
-    from farm.tables.aggregate import noise_band
+    from farm.tables.aggregate import decide, noise_band, reliable_only
 
     out = []
     for key, records in sorted(by_key.items(), key=lambda kv: str(kv[0])):
@@ -72,35 +76,46 @@ def samples_from(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict]) -
         if ATEN not in speedups:
             continue
         op, dtype, m, n, k, group = key
+        band = noise_band(records)
+        winner = decide(combined[key], band, reliable_only(records)[1])[0].id
         out.append(Sample(key, family_of(records[0].get("label")), features(op, dtype, m, n, k, group),
-                          speedups, noise_band(records)))
+                          speedups, band, winner))
     return out
 
 
 def _leaf_choice(members: list[Sample], margin: float = GAIN_MARGIN) -> str | None:
     """A non-ATen candidate that is safe and a clear gain on every member (the best geomean
-    among them); else ATen where ATen itself was within noise of the best on every member (the
-    farm measured that nothing beats the default there); else None (unsure)."""
+    among them), on members whose entries the farm decided for a non-ATen candidate (a median
+    lead that did not hold in enough processes is no gain); else ATen where ATen itself was
+    within noise of the best on every member (the farm measured that nothing beats the default
+    there, or the farm's entries chose ATen on every member, as the table itself would: ATen is
+    the default, so such a leaf can miss a gain but never lose one); else None (unsure)."""
     common = set.intersection(*(set(s.speedups) for s in members)) - {ATEN}
     gains = [cid for cid in common
-             if all(s.safe(cid) and s.speedups[cid] >= 1 + s.band + margin for s in members)]
+             if all(s.winner != ATEN and s.safe(cid) and s.speedups[cid] >= 1 + s.band + margin for s in members)]
     if gains:
         return max(sorted(gains), key=lambda cid: stats.geomean([s.speedups[cid] for s in members]))
-    return ATEN if all(s.safe(ATEN) for s in members) else None
+    return ATEN if all(s.safe(ATEN) or s.winner == ATEN for s in members) else None
 
 
-def train(samples: list[Sample], depth: int = DEFAULT_DEPTH, min_leaf: int = MIN_SAMPLES_LEAF) -> list[dict]:
-    """The op first, then a tree per op: int8 and int4 run different kernels (on AVX2 the
-    template has no int4 path at all), and a greedy tree of bounded depth trained on both would
-    spend its splits on one op and leave mixed, hence unsure, leaves for the other."""
-    by_op: dict[bool, list[Sample]] = defaultdict(list)
+def _op(s: Sample) -> str:
+    return s.key[0]
+
+
+def train(samples: list[Sample], depth: int | dict[str, int] = DEFAULT_DEPTH, min_leaf: int = MIN_SAMPLES_LEAF) -> list[dict]:
+    """The op first, then a tree per op (`depth` may be given per op): int8 and int4 run
+    different kernels (on AVX2 the template has no int4 path at all), and a greedy tree of
+    bounded depth trained on both would spend its splits on one op and leave mixed, hence
+    unsure, leaves for the other."""
+    by_op: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
-        by_op[s.feats["int4"] > 0.5].append(s)
+        by_op[_op(s)].append(s)
+    depth_of = depth if isinstance(depth, dict) else defaultdict(lambda: depth)
     if len(by_op) < 2:
-        return _train_one(samples, depth, min_leaf)
+        return _train_one(samples, depth_of[next(iter(by_op))], min_leaf) if by_op else [{"leaf": None, "samples": 0}]
     nodes: list[dict] = [{"feature": "int4", "threshold": 0.5}]
-    for side, int4 in (("left", False), ("right", True)):
-        sub = _train_one(by_op[int4], depth, min_leaf)
+    for side, op in (("left", "int8"), ("right", "int4")):
+        sub = _train_one(by_op[op], depth_of[op], min_leaf)
         offset = len(nodes)
         nodes[0][side] = offset
         nodes += [{**n, "left": n["left"] + offset, "right": n["right"] + offset} if "leaf" not in n else n for n in sub]
@@ -112,7 +127,7 @@ def _train_one(samples: list[Sample], depth: int, min_leaf: int) -> list[dict]:
     from sklearn.tree import DecisionTreeClassifier
 
     X = [[s.feats[f] for f in FEATURES] for s in samples]
-    labels = [max(s.speedups, key=s.speedups.get) if s.best() > 1 + s.band else ATEN for s in samples]
+    labels = [s.winner for s in samples]
     if len(set(labels)) == 1:  # one class: a single leaf, still subject to the safety rule
         return [{"leaf": _leaf_choice(samples), "samples": len(samples)}]
     tree = DecisionTreeClassifier(max_depth=min(depth, MAX_DEPTH), min_samples_leaf=min_leaf, random_state=0)
@@ -149,7 +164,7 @@ def _predict(nodes: list[dict], feats: dict[str, float]) -> str | None:
     return nodes[i]["leaf"]
 
 
-def validate(samples: list[Sample], depth: int = DEFAULT_DEPTH) -> dict:
+def validate(samples: list[Sample], depth: int | dict[str, int] = DEFAULT_DEPTH) -> dict:
     """Leave one model family out: train on the others, decide the held-out family's problems."""
     families = sorted({s.family for s in samples})
     regrets, losses, decided, held_out = [], [], 0, 0
@@ -206,13 +221,30 @@ def build_rule(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict],
     if not domain:
         return None, f"no (op, dtype) with records of {MIN_FAMILIES} model families: nothing the rule could be validated on"
     samples = [s for s in samples if (s.key[0], s.key[1]) in set(domain)]  # trained and validated on what it answers
-    tried = []
-    for depth in depths:
-        validation = validate(samples, depth)
-        if validation["losses_vs_default"] == 0 and validation["decided"]:
-            nodes = train(samples, depth)
-            return {"features": list(FEATURES), "nodes": nodes, "validation": {**validation, "depth": depth},
-                    "domain": [list(pair) for pair in domain],
-                    "trained_on": {"problems": len(samples), "families": sorted(families)}}, f"validated at depth {depth}"
-        tried.append(f"depth {depth}: {validation['losses_vs_default']} held-out loss(es), {validation['decided']} decided")
-    return None, "not shipped: " + "; ".join(tried)
+    # Each op's subtree is trained on that op's samples only, so leaving a family out validates
+    # each op on its own: per op, the deepest depth with no held-out loss; an op with a loss at
+    # every depth leaves the domain (Inductor decides it) instead of sinking the other op's rule.
+    depth_of, excluded = {}, []
+    for op in sorted({_op(s) for s in samples}):
+        mine, tried = [s for s in samples if _op(s) == op], []
+        for depth in depths:
+            v = validate(mine, depth)
+            if v["losses_vs_default"] == 0 and v["decided"]:
+                depth_of[op] = depth
+                break
+            tried.append(f"depth {depth}: {v['losses_vs_default']} held-out loss(es), {v['decided']} decided"
+                         + (f" ({v['loss_detail'][0]})" if v["loss_detail"] else ""))
+        else:
+            excluded.append(f"{op}: " + "; ".join(tried))
+    if not depth_of:
+        return None, "not shipped: " + " | ".join(excluded)
+    domain = [pair for pair in domain if pair[0] in depth_of]
+    samples = [s for s in samples if _op(s) in depth_of]
+    validation = validate(samples, depth_of)
+    nodes = train(samples, depth_of)
+    status = f"validated at depth {', '.join(f'{op} {d}' for op, d in sorted(depth_of.items()))}"
+    return {"features": list(FEATURES), "nodes": nodes,
+            "validation": {**validation, "depth": max(depth_of.values()), "depth_by_op": depth_of, "excluded": excluded},
+            "domain": [list(pair) for pair in domain],
+            "trained_on": {"problems": len(samples), "families": sorted({s.family for s in samples})}}, \
+        status + (f"; left out: {' | '.join(excluded)}" if excluded else "")
