@@ -104,12 +104,16 @@ def rule_summary(doc: dict) -> str:
     v = rule["validation"]
     leaves = [n for n in rule["nodes"] if "leaf" in n]
     answers = sorted({str(n["leaf"]) for n in leaves if n["leaf"] is not None})
-    return (f"rule: {len(rule['nodes'])} nodes, depth {v.get('depth')}, {len(leaves)} leaves "
+    depth = v.get("depth")
+    if v.get("depth_by_op"):
+        depth = ", ".join(f"{op} {d}" for op, d in sorted(v["depth_by_op"].items()))
+    left_out = "".join(f"; left out of its domain: {why}" for why in v.get("excluded") or [])
+    return (f"rule: {len(rule['nodes'])} nodes, depth {depth}, {len(leaves)} leaves "
             f"({sum(n['leaf'] is None for n in leaves)} unsure; answers {', '.join(answers) or 'none'}), trained on "
             f"{rule['trained_on']['problems']} problems of {', '.join(rule['trained_on']['families'])}. "
             f"{v['method']}: {v['decided']} of {v['held_out_problems']} held-out problems decided, "
             f"{v['losses_vs_default']} slower than the default beyond noise, regret vs the oracle geomean "
-            f"{v['regret_geomean']}, p95 {v['regret_p95']}, worst {v['regret_worst']}" + _gain(v))
+            f"{v['regret_geomean']}, p95 {v['regret_p95']}, worst {v['regret_worst']}" + _gain(v) + left_out)
 
 
 def _gain(v: dict) -> str:
