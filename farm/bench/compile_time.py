@@ -86,7 +86,7 @@ def _spawn(job: dict, cache_dir: str) -> dict:
 
 
 def bench_compile(model: str, quant: str, ms: list[int], table: str, threads: int, layers: int = 1,
-                  warm_runs: int = 3, variants: tuple[str, ...] = VARIANTS, freezing: bool = False) -> dict:
+                  warm_runs: int = 3, variants: tuple[str, ...] = VARIANTS, freezing: bool = True) -> dict:
     """Per M: one cold process per variant, then `warm_runs` warm processes per variant,
     interleaved (default, max-autotune, table, default, ...) so host drift hits each alike."""
     from farm.zoo.shapes import resolve
@@ -190,7 +190,9 @@ def register(sub) -> None:
     p.add_argument("--layers", type=int, default=1, help="decoder blocks")
     p.add_argument("--warm-runs", type=int, default=3, help="warm processes per variant and M")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--freezing", action="store_true", help="compile with Inductor's freezing")
+    p.add_argument("--no-freezing", dest="freezing", action="store_false",
+                   help="compile without Inductor's freezing (the template lowerings need frozen weights: "
+                        "without it max-autotune has nothing to tune for these ops)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_compile)
 
