@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 
 from rich.console import Console
 from rich.table import Table
@@ -34,10 +33,6 @@ WARM_TARGET = 1.1  # warm table over warm default
 COLD_TARGET = 0.25  # cold table over cold max-autotune
 
 
-def _call(model, x):
-    return model(x)
-
-
 def _child(job: dict) -> dict:
     """One process: build the block, compile one variant, time the first call."""
     import torch
@@ -45,7 +40,7 @@ def _child(job: dict) -> dict:
     from torch._inductor import config
 
     import kernels
-    from farm.bench.model import Blocks
+    from farm.bench.model import Blocks, _block_call, _variant
     from farm.zoo.shapes import resolve
 
     torch.set_num_threads(job["threads"])
@@ -59,10 +54,7 @@ def _child(job: dict) -> dict:
         start = time.perf_counter()
         installed = kernels.install(job["table"]).reason or "active"
         install_s = time.perf_counter() - start
-    # Its own code object and file name per variant: Dynamo keys its caches by both.
-    code = _call.__code__.replace(co_filename=f"<kernel-farm bench compile {variant}>")
-    fn = torch.compile(types.FunctionType(code, _call.__globals__, f"call_{variant.replace('-', '_')}"),
-                       fullgraph=True, dynamic=False)
+    fn = torch.compile(_variant(_block_call, variant), fullgraph=True, dynamic=False)
     start = time.perf_counter()
     with torch.no_grad(), config.patch(max_autotune=variant == "max-autotune", freezing=job["freezing"]):
         fn(block, x)
@@ -171,9 +163,7 @@ def cmd_compile(args) -> int:
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)  # before shipped_table(): it answers for this thread count
-    table = args.table or kernels.shipped_table()
-    if "table" in args.variants and not table:
-        raise UserError("no shipped table for this host's class: pass --table or leave 'table' out of --variants")
+    table = args.table or kernels.shipped_table()  # a file, or the tables' directory
     report = bench_compile(args.model, args.quant, args.m, table, threads, args.layers, args.warm_runs,
                            tuple(args.variants), args.freezing)
     emit(report, args.json, render)
