@@ -18,8 +18,9 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, required=True)
     p.add_argument("--group-size", type=int, default=None, help="int4 quantization group (default 128 for int4)")
     p.add_argument("--threads", type=int, default=None, help="default: this host's physical cores")
-    p.add_argument("--weights", default="warm", choices=["warm", "cold"],
-                   help="cold: evict the weights from every cache level before each timed call")
+    p.add_argument("--weights", default="warm", choices=["warm", "cold", "model"],
+                   help="cold: evict the weights from every cache level before each timed call; model: the "
+                        "same, then an untimed call of the same kernel on a weight copy (code warm, weights cold)")
 
 
 def cmd_host(args: argparse.Namespace) -> int:

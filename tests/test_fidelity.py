@@ -12,7 +12,7 @@ from farm.measure.timing import WEIGHT_STATES
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["warm", "cold"])
+@pytest.mark.parametrize("weights", ["warm", "cold", "model"])
 def test_each_weight_state_is_enforced_and_recorded(weights, quick_protocol):
     record = measure(Problem("int8", "bf16", 4, 256, 256, threads=2, weights=weights), protocol=quick_protocol,
                      only=["cpp"])
@@ -21,6 +21,11 @@ def test_each_weight_state_is_enforced_and_recorded(weights, quick_protocol):
     assert state == {"mode": weights, "how": WEIGHT_STATES[weights]}
     assert record["problem"]["weights"] == weights
     assert all(c["status"] in ("ok", "unsupported") for c in record["candidates"])
+    timed = [c for c in record["candidates"] if c["status"] == "ok"]
+    assert {c["id"] for c in timed} >= {"aten", "cpp"}
+    # Only the model state compiles each timed candidate a second time (its decoy, on a weight
+    # copy, from the candidate's own cache: it must have generated the same code to be timed).
+    assert all(("decoy_compile_s" in c) == (weights == "model") for c in timed)
 
 
 # --- fast tier: pure functions over hand-made samples and records ---------------------------
@@ -49,6 +54,14 @@ def _record_of(processes, protocol=Protocol()):
             "threads": 2, "l3_bytes": 1 << 25, "hostname": "h1"}
     return build_record(host, Problem("int8", "bf16", 8, 256, 256, threads=2), list(processes[0]),
                         final, processes, {}, protocol, {})
+
+
+def test_the_model_state_is_never_timed_without_a_decoy_for_each_callable():
+    from farm.bench.ops import time_interleaved
+
+    problem = Problem("int8", "bf16", 1, 64, 64, threads=1, weights="model")
+    with pytest.raises(ValueError, match="decoy for every timed callable"):
+        time_interleaved({"default": abs, "table": abs}, problem, None, Protocol(), decoys={"default": abs})
 
 
 def test_quorum_is_every_process_or_all_but_one_from_five():

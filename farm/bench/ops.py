@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -26,7 +27,7 @@ from kernels.candidates import AA_CONTROL, parse, space
 
 from farm.measure import stats
 from farm.measure.compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_candidate, fresh_module,
-                       graphs_compiled, relative_error)
+                                   graphs_compiled, relative_error, kernel_summary)
 from farm.errors import UserError
 from farm.measure.problem import Operands, Problem, make_operands, validate
 from farm.measure.protocol import Protocol
@@ -40,8 +41,11 @@ def _noop(**_event) -> None:
     pass
 
 
-def compile_variant(problem: Problem, operands, variant: str, table: str | None, cache_dir: str) -> CompiledCandidate:
-    """Inductor as a user runs it: default config, max-autotune, or default with the table."""
+def compile_variant(problem: Problem, operands, variant: str, table: str | None, cache_dir: str,
+                    caches: bool = False) -> CompiledCandidate:
+    """Inductor as a user runs it: default config, max-autotune, or default with the table.
+    `caches`: Inductor's caches on, in `cache_dir` (the model state compiles each variant a
+    second time, on a weight copy, and must get the same kernel, max-autotune's pick included)."""
     import kernels
     from kernels import lowering
     from torch._inductor import config
@@ -56,10 +60,11 @@ def compile_variant(problem: Problem, operands, variant: str, table: str | None,
     module = fresh_module(problem, operands)
     lowering.clear_decisions()
     start = time.perf_counter()
-    with torch.no_grad(), config.patch(freezing=True, force_disable_caches=True, max_autotune=variant == "max-autotune"):
+    with torch.no_grad(), config.patch(freezing=True, force_disable_caches=not caches, fx_graph_cache=caches,
+                                       max_autotune=variant == "max-autotune"):
         fn = torch.compile(module, fullgraph=True, dynamic=False)
-        output, _ = _run_and_get_code(fn, operands.x)
-    compiled = CompiledCandidate(parse("aten"), fn, time.perf_counter() - start, output,
+        output, sources = _run_and_get_code(fn, operands.x)
+    compiled = CompiledCandidate(parse("aten"), fn, time.perf_counter() - start, output, kernel_summary(sources),
                                  decisions=[d.as_dict() for d in lowering.decisions()])
     kernels.uninstall()
     return compiled
@@ -84,25 +89,39 @@ def prepare(problem: Problem, protocol: Protocol) -> tuple[Operands, torch.Tenso
 
 
 def compile_checked(problem: Problem, operands: Operands, reference: torch.Tensor, variant: str, table: str | None,
-                    cache_dir: str) -> tuple[CompiledCandidate, float]:
+                    cache_dir: str, caches: bool = False) -> tuple[CompiledCandidate, float]:
     """compile_variant, then (the compiled variant, its relative error); a wrong result raises."""
-    c = compile_variant(problem, operands, variant, table, cache_dir)
+    c = compile_variant(problem, operands, variant, table, cache_dir, caches)
     err = relative_error(c.output, reference)
     if err > TOLERANCE[problem.dtype]:
         raise RuntimeError(f"{problem.label()} compiled with the {variant}: wrong result (relative error {err:.3g})")
     return c, err
 
 
-def time_interleaved(fns: dict, problem: Problem, operands: Operands, protocol: Protocol) -> dict[str, list[float]]:
+def decoy_of(compiled: CompiledCandidate, recompile: Callable[[Operands], CompiledCandidate], copy: Operands):
+    """The model state's decoy of a compiled variant: the same compile on a weight copy, which
+    must generate the same code (else it would warm another kernel's code path)."""
+    decoy = recompile(copy)
+    if decoy.kernel.get("code_sha") != compiled.kernel.get("code_sha"):
+        raise RuntimeError(f"a model-state decoy generated other code ({decoy.kernel.get('code_sha')}) than the "
+                           f"kernel it stands in for ({compiled.kernel.get('code_sha')})")
+    return decoy.fn
+
+
+def time_interleaved(fns: dict, problem: Problem, operands: Operands, protocol: Protocol,
+                     decoys: dict | None = None) -> dict[str, list[float]]:
     """Per-round seconds of every callable, interleaved with the farm's protocol in the problem's
-    weight state; a graph compiled while timing means some callable did not run its own kernel."""
+    weight state (the model state needs each callable's decoy); a graph compiled while timing
+    means some callable did not run its own kernel."""
     from farm.measure.host import profile
     from farm.measure.timing import make_flush
 
-    flush = make_flush(profile().l3_bytes) if problem.weights == "cold" else None
+    if problem.weights == "model" and (decoys is None or set(decoys) != set(fns)):
+        raise ValueError("the model weight state needs a decoy for every timed callable")
+    flush = make_flush(profile().l3_bytes) if problem.flushed else None
     before = graphs_compiled()
     with torch.no_grad():
-        samples, _ = run_rounds(fns, operands.x, protocol, _noop, flush)
+        samples, _ = run_rounds(fns, operands.x, protocol, _noop, flush, decoys if problem.weights == "model" else None)
     if graphs_compiled() != before:
         raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
     return samples
@@ -113,24 +132,32 @@ def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: 
     protocol = protocol or Protocol()
     operands, reference = prepare(problem, protocol)
     workdir = tempfile.mkdtemp(prefix="farm-bench-")
-    fns, compile_s, errors, decisions = {}, {}, {}, {}
+    model = problem.weights == "model"
+    copy = operands.weight_copy() if model else None
+    fns, compile_s, errors, decisions, decoys = {}, {}, {}, {}, {}
     for variant in VARIANTS:
-        c, err = compile_checked(problem, operands, reference, variant, table, os.path.join(workdir, variant))
+        where = os.path.join(workdir, variant)
+        c, err = compile_checked(problem, operands, reference, variant, table, where, caches=model)
         fns[variant], compile_s[variant], errors[variant], decisions[variant] = c.fn, c.compile_s, err, c.decisions
+        if model:
+            decoys[variant] = decoy_of(c, lambda ops, v=variant, w=where: compile_variant(problem, ops, v, table, w, caches=True), copy)
     from kernels import lowering
 
     for cand in space(problem.threads, grid, problem.op):
         if cand.id == AA_CONTROL:
             continue
+        where = os.path.join(workdir, f"c{len(fns)}")
         try:
-            c = compile_candidate(problem, operands, cand, os.path.join(workdir, f"c{len(fns)}"))
+            c = compile_candidate(problem, operands, cand, where)
+            if model and relative_error(c.output, reference) <= TOLERANCE[problem.dtype]:
+                decoys[cand.id] = decoy_of(c, lambda ops, k=cand, w=where: compile_candidate(problem, ops, k, w), copy)
         except Exception:  # unsupported or failing candidates cannot be the oracle
             continue
         finally:
             lowering.unregister()
         if relative_error(c.output, reference) <= TOLERANCE[problem.dtype]:
             fns[cand.id] = c.fn
-    samples = time_interleaved(fns, problem, operands, protocol)
+    samples = time_interleaved(fns, problem, operands, protocol, decoys if model else None)
     base = samples["default"]
     results = {name: _summary_of(samples[name], base) for name in fns}
     candidates = {k: v for k, v in results.items() if k not in VARIANTS}

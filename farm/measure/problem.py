@@ -8,7 +8,7 @@ from kernels.candidates import DTYPES, OPS
 
 from farm.errors import UserError
 
-WEIGHT_MODES = ("warm", "cold")
+WEIGHT_MODES = ("warm", "cold", "model")
 # Sizes beyond these are typos, not LLM layers (the largest public FFN dims are ~10^5).
 MAX_M = 1 << 16
 MAX_NK = 1 << 18
@@ -30,6 +30,11 @@ class Problem:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def flushed(self) -> bool:
+        """Whether the timing evicts the weights before each call (cold and model)."""
+        return self.weights != "warm"
 
     @classmethod
     def from_dict(cls, data: dict) -> "Problem":
@@ -76,6 +81,10 @@ class Operands:
     x: "object"
     weight: "object"
     scales: "object"  # int8: per-channel scale [N]; int4: scales_and_zeros [K/group, N, 2]
+
+    def weight_copy(self) -> "Operands":
+        """The same operands on a copy of the weights: the model state's decoy runs on it."""
+        return Operands(self.x, self.weight.clone(), self.scales.clone())
 
     def call_eager(self, problem: Problem):
         import torch

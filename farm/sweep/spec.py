@@ -83,10 +83,12 @@ def _choice(items: list, allowed, where: str) -> list:
 
 def _memory_bytes(p: Problem, candidates: int) -> int:
     """What one measurement holds: eager and per-candidate packed weights, activations, outputs,
-    and the cold-weight flush buffer (at most 1 GiB, see farm.measure.timing.make_flush)."""
-    weights = p.weight_bytes * (candidates + 1)
-    act = p.m * p.k * 4 + p.m * p.n * 4 * (candidates + 1)
-    return weights + act + ((1 << 30) if p.weights == "cold" else 0)
+    the cold-weight flush buffer (at most 1 GiB, see farm.measure.timing.make_flush), and in the
+    model state each candidate's decoy on its own weight copy."""
+    copies = 2 * candidates + 1 if p.weights == "model" else candidates + 1
+    weights = p.weight_bytes * copies
+    act = p.m * p.k * 4 + p.m * p.n * 4 * copies
+    return weights + act + ((1 << 30) if p.flushed else 0)
 
 
 def _layers(entry: dict, where: str) -> list[tuple[str, int, int]]:

@@ -168,8 +168,9 @@ def disagreement(combined: dict[str, Combined], winner: Combined) -> str | None:
 
 
 def _choose_weights(records: list[dict], prefer: str) -> list[dict]:
+    # The preferred state, else the nearest to what a model sees: model, cold, then warm.
     modes = {r["problem"]["weights"] for r in records}
-    mode = prefer if prefer in modes else sorted(modes)[0]
+    mode = next(m for m in (prefer, "model", "cold", "warm", *sorted(modes)) if m in modes)
     return [r for r in records if r["problem"]["weights"] == mode]
 
 
@@ -317,7 +318,7 @@ def emulation_agreement(by_key: dict[tuple, list[dict]], prefer_weights: str, re
     return out
 
 
-def aggregate(records: list[dict], torch_version: str, template_hash: str, prefer_weights: str = "cold",
+def aggregate(records: list[dict], torch_version: str, template_hash: str, prefer_weights: str = "model",
               regret_threshold: float = DEFAULT_REGRET_THRESHOLD, resamples: int = 2000) -> AggregateResult:
     """Build one table document per (ISA class, threads) from fresh records, each with the
     learned rule for shapes it has no entry for (farm/tables/rule.py) where one validates."""

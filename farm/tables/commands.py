@@ -13,7 +13,7 @@ from farm.errors import UserError
 
 
 def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | None = None,
-                  prefer_weights: str = "cold") -> dict[tuple[str, int], str]:
+                  prefer_weights: str = "model") -> dict[tuple[str, int], str]:
     """Write one table per (ISA, threads) into `out`; returns the paths written."""
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
@@ -186,7 +186,8 @@ def register(sub) -> None:
     p.add_argument("--store", default=None, help="a sweep's SQLite store")
     p.add_argument("--run", default=None, help="only this run of the store")
     p.add_argument("--out", required=True, help="directory for <isa>-t<threads>.yaml")
-    p.add_argument("--prefer-weights", default="cold", choices=["cold", "warm"])
+    p.add_argument("--prefer-weights", default="model", choices=["model", "cold", "warm"],
+                   help="the weight state whose records decide a key measured in several (then model, cold, warm)")
     p.set_defaults(fn=cmd_aggregate)
 
     p = sub.add_parser("table", help="show, check or diff autotune tables")
