@@ -161,25 +161,20 @@ def time_delivered(problem, table: str, protocol) -> dict:
     """`problem` compiled as a user gets it, with `table` installed and with Inductor's default,
     checked against eager and timed paired and interleaved in this process, in the problem's
     weight state (farm.bench.ops: the same steps as `farm bench kernels`)."""
-    from farm.bench.ops import compile_checked, compile_variant, decoy_of, prepare, time_interleaved
-    from farm.measure.timing import WEIGHT_STATES
+    from farm.bench.ops import compile_checked, prepare, time_interleaved
+    from farm.measure.record import weight_state
 
     operands, reference = prepare(problem, protocol)
     workdir = tempfile.mkdtemp(prefix="farm-delivered-")
-    model = problem.weights == "model"
-    fns, decoys, choice = {}, {}, []
+    fns, choice = {}, []
     for variant in ("default", "table"):
-        where = os.path.join(workdir, variant)
-        compiled, _ = compile_checked(problem, operands, reference, variant, table, where, caches=model)
+        compiled, _ = compile_checked(problem, operands, reference, variant, table, os.path.join(workdir, variant))
         fns[variant] = compiled.fn
-        if model:
-            decoys[variant] = decoy_of(compiled, lambda ops, v=variant, w=where: compile_variant(
-                problem, ops, v, table, w, caches=True), operands.weight_copy())
         if variant == "table":  # what the lowering really chose (None: Inductor's own)
             choice = [d["candidate"] or "inductor" for d in compiled.decisions]
-    samples = time_interleaved(fns, problem, operands, protocol, decoys if model else None)
+    samples = time_interleaved(fns, problem, operands, protocol)
     return {"default_s": samples["default"], "table_s": samples["table"], "table_choice": choice,
-            "weight_state": {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights]}}
+            "weight_state": weight_state(problem)}
 
 
 def _tables_by_weights(records: list[dict], workdir: str) -> dict[tuple[str, str, int], tuple[str, dict]]:

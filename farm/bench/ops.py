@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 from dataclasses import replace
-from typing import Callable
 
 import torch
 from rich.console import Console
@@ -26,8 +25,8 @@ from rich.table import Table
 from kernels.candidates import AA_CONTROL, parse, space
 
 from farm.measure import stats
-from farm.measure.compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_candidate, fresh_module,
-                                   graphs_compiled, relative_error, kernel_summary)
+from farm.measure.compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_candidate, first_output,
+                                   fresh_module, graphs_compiled, relative_error, stack_size)
 from farm.errors import UserError
 from farm.measure.problem import Operands, Problem, make_operands, validate
 from farm.measure.protocol import Protocol
@@ -41,11 +40,8 @@ def _noop(**_event) -> None:
     pass
 
 
-def compile_variant(problem: Problem, operands, variant: str, table: str | None, cache_dir: str,
-                    caches: bool = False) -> CompiledCandidate:
-    """Inductor as a user runs it: default config, max-autotune, or default with the table.
-    `caches`: Inductor's caches on, in `cache_dir` (the model state compiles each variant a
-    second time, on a weight copy, and must get the same kernel, max-autotune's pick included)."""
+def compile_variant(problem: Problem, operands, variant: str, table: str | None, cache_dir: str) -> CompiledCandidate:
+    """Inductor as a user runs it: default config, max-autotune, or default with the table."""
     import kernels
     from kernels import lowering
     from torch._inductor import config
@@ -60,11 +56,10 @@ def compile_variant(problem: Problem, operands, variant: str, table: str | None,
     module = fresh_module(problem, operands)
     lowering.clear_decisions()
     start = time.perf_counter()
-    with torch.no_grad(), config.patch(freezing=True, force_disable_caches=not caches, fx_graph_cache=caches,
-                                       max_autotune=variant == "max-autotune"):
+    with torch.no_grad(), config.patch(freezing=True, force_disable_caches=True, max_autotune=variant == "max-autotune"):
         fn = torch.compile(module, fullgraph=True, dynamic=False)
-        output, sources = _run_and_get_code(fn, operands.x)
-    compiled = CompiledCandidate(parse("aten"), fn, time.perf_counter() - start, output, kernel_summary(sources),
+        output, _ = _run_and_get_code(fn, operands.x)
+    compiled = CompiledCandidate(parse("aten"), fn, time.perf_counter() - start, first_output(output),
                                  decisions=[d.as_dict() for d in lowering.decisions()])
     kernels.uninstall()
     return compiled
@@ -89,39 +84,25 @@ def prepare(problem: Problem, protocol: Protocol) -> tuple[Operands, torch.Tenso
 
 
 def compile_checked(problem: Problem, operands: Operands, reference: torch.Tensor, variant: str, table: str | None,
-                    cache_dir: str, caches: bool = False) -> tuple[CompiledCandidate, float]:
+                    cache_dir: str) -> tuple[CompiledCandidate, float]:
     """compile_variant, then (the compiled variant, its relative error); a wrong result raises."""
-    c = compile_variant(problem, operands, variant, table, cache_dir, caches)
+    c = compile_variant(problem, operands, variant, table, cache_dir)
     err = relative_error(c.output, reference)
     if err > TOLERANCE[problem.dtype]:
         raise RuntimeError(f"{problem.label()} compiled with the {variant}: wrong result (relative error {err:.3g})")
     return c, err
 
 
-def decoy_of(compiled: CompiledCandidate, recompile: Callable[[Operands], CompiledCandidate], copy: Operands):
-    """The model state's decoy of a compiled variant: the same compile on a weight copy, which
-    must generate the same code (else it would warm another kernel's code path)."""
-    decoy = recompile(copy)
-    if decoy.kernel.get("code_sha") != compiled.kernel.get("code_sha"):
-        raise RuntimeError(f"a model-state decoy generated other code ({decoy.kernel.get('code_sha')}) than the "
-                           f"kernel it stands in for ({compiled.kernel.get('code_sha')})")
-    return decoy.fn
-
-
-def time_interleaved(fns: dict, problem: Problem, operands: Operands, protocol: Protocol,
-                     decoys: dict | None = None) -> dict[str, list[float]]:
+def time_interleaved(fns: dict, problem: Problem, operands: Operands, protocol: Protocol) -> dict[str, list[float]]:
     """Per-round seconds of every callable, interleaved with the farm's protocol in the problem's
-    weight state (the model state needs each callable's decoy); a graph compiled while timing
-    means some callable did not run its own kernel."""
+    weight state; a graph compiled while timing means some callable did not run its own kernel."""
     from farm.measure.host import profile
     from farm.measure.timing import make_flush
 
-    if problem.weights == "model" and (decoys is None or set(decoys) != set(fns)):
-        raise ValueError("the model weight state needs a decoy for every timed callable")
     flush = make_flush(profile().l3_bytes) if problem.flushed else None
     before = graphs_compiled()
     with torch.no_grad():
-        samples, _ = run_rounds(fns, operands.x, protocol, _noop, flush, decoys if problem.weights == "model" else None)
+        samples, _ = run_rounds(fns, operands.x, protocol, _noop, flush, stack_size(problem))
     if graphs_compiled() != before:
         raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
     return samples
@@ -132,32 +113,24 @@ def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: 
     protocol = protocol or Protocol()
     operands, reference = prepare(problem, protocol)
     workdir = tempfile.mkdtemp(prefix="farm-bench-")
-    model = problem.weights == "model"
-    copy = operands.weight_copy() if model else None
-    fns, compile_s, errors, decisions, decoys = {}, {}, {}, {}, {}
+    fns, compile_s, errors, decisions = {}, {}, {}, {}
     for variant in VARIANTS:
-        where = os.path.join(workdir, variant)
-        c, err = compile_checked(problem, operands, reference, variant, table, where, caches=model)
+        c, err = compile_checked(problem, operands, reference, variant, table, os.path.join(workdir, variant))
         fns[variant], compile_s[variant], errors[variant], decisions[variant] = c.fn, c.compile_s, err, c.decisions
-        if model:
-            decoys[variant] = decoy_of(c, lambda ops, v=variant, w=where: compile_variant(problem, ops, v, table, w, caches=True), copy)
     from kernels import lowering
 
     for cand in space(problem.threads, grid, problem.op):
         if cand.id == AA_CONTROL:
             continue
-        where = os.path.join(workdir, f"c{len(fns)}")
         try:
-            c = compile_candidate(problem, operands, cand, where)
-            if model and relative_error(c.output, reference) <= TOLERANCE[problem.dtype]:
-                decoys[cand.id] = decoy_of(c, lambda ops, k=cand, w=where: compile_candidate(problem, ops, k, w), copy)
+            c = compile_candidate(problem, operands, cand, os.path.join(workdir, f"c{len(fns)}"))
         except Exception:  # unsupported or failing candidates cannot be the oracle
             continue
         finally:
             lowering.unregister()
         if relative_error(c.output, reference) <= TOLERANCE[problem.dtype]:
             fns[cand.id] = c.fn
-    samples = time_interleaved(fns, problem, operands, protocol, decoys if model else None)
+    samples = time_interleaved(fns, problem, operands, protocol)
     base = samples["default"]
     results = {name: _summary_of(samples[name], base) for name in fns}
     candidates = {k: v for k, v in results.items() if k not in VARIANTS}

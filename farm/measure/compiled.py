@@ -19,11 +19,11 @@ import torch
 from kernels import lowering
 from kernels.candidates import Candidate
 
-from farm.measure.problem import Operands, Problem
+from farm.measure.problem import Operands, Problem, stack_size
 
 _CALLS = {
-    "int8": "torch._weight_int8pack_mm(x, self.weight, self.scales)",
-    "int4": "torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales)",
+    "int8": "torch._weight_int8pack_mm(x, self.weight{i}, self.scales{i})",
+    "int4": "torch._weight_int4pack_mm_for_cpu(x, self.weight{i}, self.group_size, self.scales{i})",
 }
 _BLOCKING_RE = re.compile(r"constexpr int64_t (num_threads|Mr|Nr|Kr|Mt_blocks|Nt_blocks|Kt_blocks|Mc_blocks|Nc_blocks|Kc_blocks) = (\d+);")
 _counter = itertools.count()
@@ -40,20 +40,31 @@ class CompiledCandidate:
 
 
 def fresh_module(problem: Problem, operands: Operands, wrong: bool = False) -> torch.nn.Module:
-    """A module whose forward is a brand-new code object (see module docstring).
+    """A module whose forward is a brand-new code object (see module docstring). In the model
+    weight state it returns a tuple: the kernel on each of stack_size() weight copies in turn
+    (the first the operands' own weights), each read after the others evicted it.
 
     `wrong` scales the output by 1.05: only the fault injector asks for it."""
     tag = next(_counter)
-    source = f"def forward(self, x):\n    return {_CALLS[problem.op]}{' * 1.05' if wrong else ''}\n"
+    copies = stack_size(problem)
+    calls = [_CALLS[problem.op].format(i=i or "") + (" * 1.05" if wrong else "") for i in range(copies)]
+    body = calls[0] if copies == 1 else "(" + ", ".join(calls) + ",)"
+    source = f"def forward(self, x):\n    return {body}\n"
     namespace: dict = {"torch": torch}
     exec(compile(source, f"<kernel-farm candidate {tag}>", "exec"), namespace)
     cls = type(f"WoqLinear{tag}", (torch.nn.Module,), {"forward": namespace["forward"]})
     module = cls()
     # Buffers, so that freezing turns them into constants as in a deployed model.
-    module.register_buffer("weight", operands.weight)
-    module.register_buffer("scales", operands.scales)
+    for i in range(copies):
+        module.register_buffer(f"weight{i or ''}", operands.weight if i == 0 else operands.weight.clone())
+        module.register_buffer(f"scales{i or ''}", operands.scales if i == 0 else operands.scales.clone())
     module.group_size = problem.group_size
     return module.eval()
+
+
+def first_output(output):
+    """The stacked module's first call (on the operands' own weights), or the output itself."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def kernel_summary(sources: list[str]) -> dict:
@@ -90,6 +101,7 @@ def compile_candidate(problem: Problem, operands: Operands, candidate: Candidate
     with torch.no_grad(), config.patch(freezing=True, force_disable_caches=False, fx_graph_cache=True):
         fn = torch.compile(module, fullgraph=True, dynamic=False)
         output, sources = _run_and_get_code(fn, operands.x)
+    output = first_output(output)
     compile_s = time.perf_counter() - start
     decisions = [d.as_dict() for d in lowering.decisions()]
     # Any later lowering means something recompiled outside this function: fail loudly

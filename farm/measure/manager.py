@@ -171,12 +171,6 @@ def _apply_event(attempt: Attempt, event: dict, current: str | None) -> str | No
     elif kind == "compiled":
         attempt.compiled[event["cand"]] = {k: v for k, v in event.items() if k not in ("ev", "cand")}
         return None
-    elif kind == "decoy":  # the model state's second compile of a candidate (farm.measure.worker)
-        entry = attempt.compiled.setdefault(event["cand"], {})
-        entry["decoy_compile_s"] = event["compile_s"]
-        if event["error"]:
-            entry.update(status="compile_error", error=event["error"])
-        return None
     elif kind == "fatal":
         raise RuntimeError(f"the measurement worker failed (a farm bug, not a candidate's):\n{event['error']}")
     elif kind == "timed":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from kernels.candidates import DTYPES, OPS
@@ -12,6 +13,12 @@ WEIGHT_MODES = ("warm", "cold", "model")
 # Sizes beyond these are typos, not LLM layers (the largest public FFN dims are ~10^5).
 MAX_M = 1 << 16
 MAX_NK = 1 << 18
+# The model weight state's stack: one compiled module calls the kernel on this many weight
+# copies in turn (about 64 MiB of them, 2 to 16), so the per-call price of a compiled module
+# (Dynamo's guards and the wrapper: 50 us warm on a 2-core AVX2 VM, more after a flush, 1-4x a
+# small layer's decode) is paid once per stack, as a model's graph pays it once per step.
+MODEL_STACK_BYTES = 64 << 20
+MODEL_STACK_MAX = 16
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Which activation dtypes each op's ATen kernel accepts on CPU (checked on torch 2.13).
 OP_DTYPES = {"int8": ("bf16", "fp16", "fp32"), "int4": ("bf16", "fp16", "fp32")}
@@ -76,15 +83,18 @@ def validate(p: Problem, where: str = "problem") -> Problem:
     return p
 
 
+def stack_size(problem: Problem) -> int:
+    """Kernel calls per call of the compiled module: 1, or the model state's stack."""
+    if problem.weights != "model":
+        return 1
+    return max(2, min(MODEL_STACK_MAX, math.ceil(MODEL_STACK_BYTES / problem.weight_bytes)))
+
+
 @dataclass
 class Operands:
     x: "object"
     weight: "object"
     scales: "object"  # int8: per-channel scale [N]; int4: scales_and_zeros [K/group, N, 2]
-
-    def weight_copy(self) -> "Operands":
-        """The same operands on a copy of the weights: the model state's decoy runs on it."""
-        return Operands(self.x, self.weight.clone(), self.scales.clone())
 
     def call_eager(self, problem: Problem):
         import torch

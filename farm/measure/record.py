@@ -17,7 +17,7 @@ from kernels.candidates import AA_CONTROL, ATEN, CandidateError, dense_temp_byte
 from kernels.provenance import template_hash, threads_hash, torch_version
 
 from farm.measure import stats
-from farm.measure.problem import Problem
+from farm.measure.problem import Problem, stack_size
 from farm.measure.protocol import Protocol
 from farm.measure.timing import WEIGHT_STATES, aa_offset
 
@@ -93,6 +93,11 @@ def _process_figures(index: int, process: Samples, cid: str, resamples: int) -> 
             "speedup_ci95": list(stats.bootstrap_ci(speedups, resamples)) if speedups else None}
 
 
+def weight_state(problem: Problem) -> dict:
+    """How the record's weight state was enforced (and, in the model state, the stack's size)."""
+    return {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights], "stack": stack_size(problem)}
+
+
 def _candidate_entry(cid: str, result: dict, processes: list[Samples], iters: dict, resamples: int) -> dict:
     entry = {"id": cid, "status": result.get("status", "crash"), "median_us": None, "ci95_us": None,
              "speedup_vs_aten": None, "speedup_ci95": None, "compile_s": result.get("compile_s"),
@@ -100,8 +105,6 @@ def _candidate_entry(cid: str, result: dict, processes: list[Samples], iters: di
              "max_rel_err": result.get("max_rel_err"), "kernel": result.get("kernel")}
     if "log_tail" in result:
         entry["log_tail"] = result["log_tail"]
-    if "decoy_compile_s" in result:  # the model state's second compile (a cache hit), on a weight copy
-        entry["decoy_compile_s"] = result["decoy_compile_s"]
     timed = [(i, p) for i, p in enumerate(processes) if p.get(cid)]
     if entry["status"] != "ok" or not timed:
         return entry
@@ -226,7 +229,7 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
         "noise": {"control": AA_CONTROL, "speedup": control["speedup_vs_aten"] if control else None,
                   "ci95": control["speedup_ci95"] if control else None, "band": band},
         "protocol": {**protocol.as_dict(), "rounds": rounds, "rounds_per_process": rounds_each, "weights": problem.weights,
-                     "weight_state": {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights]},
+                     "weight_state": weight_state(problem),
                      "timer": "time.perf_counter_ns", "order": "shuffled per round", "ratio": "paired per round vs aten"},
         "provenance": {"torch": torch_version(), "template_hash": template_hash(), "threads_hash": threads_hash(),
                        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -18,10 +18,10 @@ Emit = Callable[..., None]
 WEIGHT_STATES = {
     "warm": "one untimed call of the same candidate on the same weights right before each timed batch",
     "cold": "a write of twice the LLC (at least 64 MiB) before each timed call, not timed",
-    "model": ("a write of twice the LLC (at least 64 MiB), then one untimed call of the same kernel, compiled "
-              "again on a copy of the weights, before each timed call: the weights are evicted; the kernel's code, "
-              "the dispatcher and the activations are warm, as when a model's other layers ran before it; the timed "
-              "module's own wrapper state is not"),
+    "model": ("a write of twice the LLC (at least 64 MiB), then one timed call of a compiled module that runs the "
+              "kernel on L weight copies in turn (L = 64 MiB / weight bytes, 2 to 16; protocol.weight_state.stack), "
+              "divided by L: every call reads evicted weights; the code path and the module's wrapper are paid "
+              "once per L calls, as a model's graph pays them once per step"),
 }
 
 
@@ -39,23 +39,6 @@ def _time_cold(fn: Callable, x, iters: int, flush: Callable[[], None]) -> float:
     total = 0
     for _ in range(iters):
         flush()  # evicts the weights from every cache level; not timed
-        start = time.perf_counter_ns()
-        fn(x)
-        total += time.perf_counter_ns() - start
-    return total / iters / 1e9
-
-
-def _time_model(fn: Callable, decoy: Callable, x, iters: int, flush: Callable[[], None]) -> float:
-    # After a flush alone, the first call also pays for its own code path (dispatch, kernel
-    # code, page walks of both): 40-70 us a raw ATen call on a 2-core AVX2 VM, 2-4x a small
-    # layer's decode time, which a model does not pay, since the same kernel ran a moment ago
-    # on other weights. The decoy is that call: same kernel, the weight copy, not timed. It
-    # cannot warm the timed module's own compiled wrapper (guards, Python objects), which a
-    # model's graph pays once per step, not per matmul (docs/RESULTS.md, fourth session).
-    total = 0
-    for _ in range(iters):
-        flush()
-        decoy(x)
         start = time.perf_counter_ns()
         fn(x)
         total += time.perf_counter_ns() - start
@@ -115,9 +98,9 @@ def aa_off(samples: dict[str, list[float]], tolerance: float) -> bool:
 
 def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
                flush: Callable[[], None] | None = None,
-               decoys: dict[str, Callable] | None = None) -> tuple[dict[str, list[float]], dict[str, int]]:
+               stack: int = 1) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Per-call seconds for each candidate, one sample per round; the same rounds for all.
-    No flush: warm; a flush: cold; a flush and each candidate's decoy: model."""
+    No flush: warm; a flush: cold; a flush and modules of `stack` kernel calls each: model."""
     if not fns:
         return {}, {}
     iters = {cid: calibrate(fn, x, protocol) for cid, fn in fns.items()}
@@ -132,11 +115,9 @@ def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
         for cid in order:
             emit(ev="run", cand=cid)  # lets the manager name the culprit of a crash or hang
             if flush is None:
-                samples[cid].append(_time_warm(fns[cid], x, iters[cid]))
-            elif decoys is not None:
-                samples[cid].append(_time_model(fns[cid], decoys[cid], x, iters[cid], flush))
+                samples[cid].append(_time_warm(fns[cid], x, iters[cid]) / stack)
             else:
-                samples[cid].append(_time_cold(fns[cid], x, iters[cid], flush))
+                samples[cid].append(_time_cold(fns[cid], x, iters[cid], flush) / stack)
         rounds += 1
         emit(ev="round", r=rounds, times={cid: samples[cid][-1] for cid in order})
         if rounds >= target:

@@ -48,18 +48,13 @@ def _check(error: float, tolerance: float, kernel: dict, expect_code: str | None
     return None
 
 
-def _cache_dir(job: dict, index: int, cid: str) -> str:
-    """A candidate's Inductor cache directory: a repeat process reuses the first process's."""
-    return job.get("cache_dirs", {}).get(cid) or os.path.join(job["cache_root"], f"candidate-{index}")
-
-
 def run(job: dict, emit) -> None:
     import torch
 
     from kernels.candidates import ATEN, parse
 
     from farm.measure import faults
-    from farm.measure.compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error
+    from farm.measure.compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error, stack_size
     from farm.measure.host import apply_emulation, profile
     from farm.measure.problem import Problem, make_operands
     from farm.measure.protocol import Protocol
@@ -77,7 +72,7 @@ def run(job: dict, emit) -> None:
     operands = make_operands(problem, seed=protocol.seed)
     with torch.no_grad():
         reference = operands.call_eager(problem)
-    fns, codes = {}, {}
+    fns = {}
     for index, cid in enumerate(job["candidates"]):
         emit(ev="compile", cand=cid)
         fault = faults.kind_of(cid)
@@ -86,7 +81,8 @@ def run(job: dict, emit) -> None:
             if fault:
                 faults.before_compile(fault)
             candidate = parse(ATEN) if fault else parse(cid)
-            cache_dir = _cache_dir(job, index, cid)
+            # A repeat process reuses the first process's cache directory of this candidate.
+            cache_dir = job.get("cache_dirs", {}).get(cid) or os.path.join(job["cache_root"], f"candidate-{index}")
             compiled = compile_candidate(problem, operands, candidate, cache_dir, wrong=fault == "wrong")
             error = relative_error(compiled.output, reference)
             why_not = _check(error, TOLERANCE[problem.dtype], compiled.kernel, job.get("expect_code", {}).get(cid))
@@ -97,50 +93,19 @@ def run(job: dict, emit) -> None:
             )
             ok = why_not is None
             if ok:
-                fns[cid], codes[cid] = compiled.fn, compiled.kernel.get("code_sha")
+                fns[cid] = compiled.fn
         except Exception as exc:  # a failed candidate is data, never the end of the measurement
             status, message = _status_and_message(exc)
             result.update(status=status, error=message, traceback=traceback.format_exc()[-2000:])
         emit(**result)
 
-    decoys = _compile_decoys(job, problem, operands, fns, codes, emit) if problem.weights == "model" else None
     flush = make_flush(host.l3_bytes) if problem.flushed else None
     start, graphs_before = time.perf_counter(), graphs_compiled()
     with torch.no_grad():
-        samples, iters = run_rounds(fns, operands.x, protocol, emit, flush, decoys)
+        samples, iters = run_rounds(fns, operands.x, protocol, emit, flush, stack_size(problem))
     if graphs_compiled() != graphs_before:
         raise RuntimeError("a graph was compiled while timing: some callable did not run its own kernel")
     emit(ev="timed", samples=samples, iters=iters, timing_s=time.perf_counter() - start)
-
-
-def _compile_decoys(job: dict, problem, operands, fns: dict, codes: dict, emit) -> dict:
-    """The model state's decoys: each timed candidate compiled again, from its own cache
-    directory (an FX-graph-cache hit: frozen weights are hashed by metadata, not values), on a
-    copy of the weights. A decoy must generate the candidate's code, or it would warm another
-    kernel's code path; a candidate whose decoy fails is not timed."""
-    from kernels.candidates import ATEN, parse
-
-    from farm.measure import faults
-    from farm.measure.compiled import compile_candidate
-
-    copy = operands.weight_copy()
-    decoys = {}
-    for cid in list(fns):
-        cache_dir = _cache_dir(job, job["candidates"].index(cid), cid)
-        candidate = parse(ATEN) if faults.kind_of(cid) else parse(cid)
-        emit(ev="compile", cand=cid)
-        try:
-            decoy = compile_candidate(problem, copy, candidate, cache_dir)
-            error = None if decoy.kernel.get("code_sha") == codes[cid] else (
-                f"its model-state decoy generated other code ({decoy.kernel.get('code_sha')}) than the timed kernel ({codes[cid]})")
-        except Exception as exc:  # the candidate compiled once already: a decoy failing is the farm's to report
-            error = f"its model-state decoy failed to compile: {type(exc).__name__}: {str(exc)[:300]}"
-        if error:
-            del fns[cid]
-        else:
-            decoys[cid] = decoy.fn
-        emit(ev="decoy", cand=cid, compile_s=None if error else decoy.compile_s, error=error)
-    return decoys
 
 
 def _unnice() -> None:

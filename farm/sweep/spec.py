@@ -27,7 +27,7 @@ from kernels.candidates import DTYPES, GRIDS, OPS, space as candidate_space
 
 from farm.errors import UserError
 from farm.measure.host import ISA_CLASSES
-from farm.measure.problem import WEIGHT_MODES, Problem, validate
+from farm.measure.problem import WEIGHT_MODES, Problem, stack_size, validate
 from farm.measure.protocol import Protocol
 
 HOST = "host"  # stands for the classes the machine parsing the spec can serve
@@ -84,8 +84,8 @@ def _choice(items: list, allowed, where: str) -> list:
 def _memory_bytes(p: Problem, candidates: int) -> int:
     """What one measurement holds: eager and per-candidate packed weights, activations, outputs,
     the cold-weight flush buffer (at most 1 GiB, see farm.measure.timing.make_flush), and in the
-    model state each candidate's decoy on its own weight copy."""
-    copies = 2 * candidates + 1 if p.weights == "model" else candidates + 1
+    model state each candidate's stack of weight copies."""
+    copies = candidates * stack_size(p) + 1
     weights = p.weight_bytes * copies
     act = p.m * p.k * 4 + p.m * p.n * 4 * copies
     return weights + act + ((1 << 30) if p.flushed else 0)
