@@ -20,7 +20,8 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="default: this host's physical cores")
     p.add_argument("--weights", default="warm", choices=["warm", "cold", "model"],
                    help="cold: evict the weights from every cache level before each timed call; model: the "
-                        "same, then an untimed call of the same kernel on a weight copy (code warm, weights cold)")
+                        "same, then time a module calling the kernel on ~64 MiB of weight copies, per call (the "
+                        "module's own per-call price paid once per stack, as in a model's graph)")
 
 
 def cmd_host(args: argparse.Namespace) -> int:

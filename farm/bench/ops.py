@@ -26,9 +26,9 @@ from kernels.candidates import AA_CONTROL, parse, space
 
 from farm.measure import stats
 from farm.measure.compiled import (TOLERANCE, CompiledCandidate, _run_and_get_code, compile_candidate, first_output,
-                                   fresh_module, graphs_compiled, relative_error, stack_size)
+                                   fresh_module, graphs_compiled, relative_error)
 from farm.errors import UserError
-from farm.measure.problem import Operands, Problem, make_operands, validate
+from farm.measure.problem import Operands, Problem, make_operands, stack_size, validate
 from farm.measure.protocol import Protocol
 from farm.render import emit
 from farm.measure.timing import run_rounds

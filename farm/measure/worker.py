@@ -54,9 +54,9 @@ def run(job: dict, emit) -> None:
     from kernels.candidates import ATEN, parse
 
     from farm.measure import faults
-    from farm.measure.compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error, stack_size
+    from farm.measure.compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error
     from farm.measure.host import apply_emulation, profile
-    from farm.measure.problem import Problem, make_operands
+    from farm.measure.problem import Problem, make_operands, stack_size
     from farm.measure.protocol import Protocol
     from farm.measure.timing import make_flush, run_rounds
 
