@@ -8,6 +8,7 @@ import json
 import sys
 
 from farm.errors import UserError
+from farm.measure.problem import WEIGHT_MODES
 
 
 def _add_problem_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,7 @@ def _add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, required=True)
     p.add_argument("--group-size", type=int, default=None, help="int4 quantization group (default 128 for int4)")
     p.add_argument("--threads", type=int, default=None, help="default: this host's physical cores")
-    p.add_argument("--weights", default="warm", choices=["warm", "cold", "model"],
+    p.add_argument("--weights", default="warm", choices=WEIGHT_MODES,
                    help="cold: evict the weights from every cache level before each timed call; model: the "
                         "same, then time a module calling the kernel on ~64 MiB of weight copies, per call (the "
                         "module's own per-call price paid once per stack, as in a model's graph)")

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from farm.errors import UserError
+from farm.measure.problem import WEIGHT_MODES
 
 
 def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | None = None,
@@ -186,7 +187,7 @@ def register(sub) -> None:
     p.add_argument("--store", default=None, help="a sweep's SQLite store")
     p.add_argument("--run", default=None, help="only this run of the store")
     p.add_argument("--out", required=True, help="directory for <isa>-t<threads>.yaml")
-    p.add_argument("--prefer-weights", default="model", choices=["model", "cold", "warm"],
+    p.add_argument("--prefer-weights", default="model", choices=WEIGHT_MODES,
                    help="the weight state whose records decide a key measured in several (then model, cold, warm)")
     p.set_defaults(fn=cmd_aggregate)
 
