@@ -6,14 +6,20 @@
 #   $OUT/worker-phases.jsonl every event of every measurement worker, timestamped (imported,
 #                            host, each compile, each compiled, each timing round, timed)
 #   $OUT/records.jsonl       one record per finished problem, appended as each finishes
-#   $OUT/tables/, host.json, machine.txt, err.log
-# Starts with one small problem on the minimal grid, then the real ones; never starts a problem
-# it cannot finish inside BUDGET_S (each gets at most the time left).
+#   $OUT/tables/             the table aggregated from the records
+#   $OUT/check.jsonl         end-to-end check of each measured key: `farm bench kernels` with that
+#                            table against Inductor's default, max-autotune and the oracle, one
+#                            JSON report per key, appended as each finishes
+#   $OUT/machine.txt (torch, lscpu, host profile), err.log
+# At most 8 files come back from a lent machine: keep it at these seven.
+# Starts with one problem on the minimal grid, then the real ones; never starts a problem it
+# cannot finish inside MEASURE_BUDGET_S, then checks the keys measured until BUDGET_S.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" RAY_AUTH_MODE=disabled
 OUT=${OUT:-/tmp/farm-device}; mkdir -p "$OUT"
 export FARM_PHASE_LOG="$OUT/worker-phases.jsonl"
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-540}
+MEASURE_BUDGET_S=${MEASURE_BUDGET_S:-330}
 MIN_PROBLEM_S=${MIN_PROBLEM_S:-45}   # below this, a problem cannot compile and time its candidates
 start=$(date +%s)
 phase() { echo "$(date -u +%FT%T.%3NZ) +$(( $(date +%s) - start ))s $*" | tee -a "$OUT/phases.log"; }
@@ -22,26 +28,29 @@ phase "start: budget ${BUDGET_S}s"
 python3 -c "import time; t=time.time(); import torch; print('torch', torch.__version__, torch.backends.cpu.get_cpu_capability(), f'import {time.time()-t:.1f}s')" > "$OUT/machine.txt" 2>&1
 lscpu >> "$OUT/machine.txt" 2>&1
 phase "torch imported: $(head -1 "$OUT/machine.txt")"
-python3 -m farm.cli host --json > "$OUT/host.json" 2>> "$OUT/err.log"
-phase "host profile: $(grep -o '"isa": "[^"]*"' "$OUT/host.json") $(grep -o '"cores": [0-9]*' "$OUT/host.json")"
-# First a small problem on the minimal grid (proves the whole path works on this host), then
-# Llama-3.2-1B layers (qkv, gate_up, down) at decode and prefill sizes; int8 and int4.
+HOST_JSON=/tmp/farm-host.json
+python3 -m farm.cli host --json > "$HOST_JSON" 2>> "$OUT/err.log"
+cat "$HOST_JSON" >> "$OUT/machine.txt"
+THREADS=$(python3 -c "import json; print(json.load(open('$HOST_JSON'))['threads'])" 2>> "$OUT/err.log")
+phase "host profile: $(grep -o '"isa": "[^"]*"' "$HOST_JSON") $(grep -o '"cores": [0-9]*' "$HOST_JSON") threads $THREADS"
+# Llama-3.2-1B layers, the first on the minimal grid (proves the whole path works on this host),
+# then qkv, gate_up and down at decode (M=1) and prefill (M=128) sizes; int8 and int4.
 # "op m n k grid"
-DEFAULT_PROBLEMS="int8 32 1024 1024 minimal;int8 1 3072 2048 pruned;int4 1 3072 2048 pruned;int8 128 3072 2048 pruned;int4 128 3072 2048 pruned;int8 16 16384 2048 pruned;int4 16 16384 2048 pruned;int8 512 2048 8192 pruned;int8 1 2048 8192 pruned;int4 1 2048 8192 pruned"
+DEFAULT_PROBLEMS="int8 1 2048 2048 minimal;int8 1 3072 2048 pruned;int8 128 3072 2048 pruned;int4 1 3072 2048 pruned;int4 128 3072 2048 pruned;int8 1 16384 2048 pruned;int8 128 16384 2048 pruned;int8 1 2048 8192 pruned;int4 1 16384 2048 pruned;int8 128 2048 8192 pruned"
 IFS=';' read -ra PROBLEM_LIST <<< "${PROBLEMS:-$DEFAULT_PROBLEMS}"
 for p in "${PROBLEM_LIST[@]}"; do
   set -- $p
-  left=$(( BUDGET_S - ($(date +%s) - start) ))
+  left=$(( MEASURE_BUDGET_S - ($(date +%s) - start) ))
   if [ "$left" -lt "$MIN_PROBLEM_S" ]; then phase "budget: ${left}s left, not starting $p"; continue; fi
   limit=$(( left < ${MEASURE_TIMEOUT_S:-240} ? left : ${MEASURE_TIMEOUT_S:-240} ))
-  weights=warm; [ "$2" -le 16 ] && weights=cold
+  weights=warm; [ "$2" -le 16 ] && weights=model  # decode: evicted weights, as a model's step reads them
   group=""; [ "$1" = int4 ] && group="--group-size 128"
   phase "problem $p ($weights weights, at most ${limit}s)"
   echo "{\"utc\": \"$(date -u +%FT%T)\", \"ev\": \"problem\", \"problem\": \"$p\"}" >> "$FARM_PHASE_LOG"
   if timeout "$limit" python3 -m farm.cli measure --op "$1" -m "$2" -n "$3" -k "$4" $group --grid "${5:-pruned}" \
-      --weights "$weights" --rounds 11 --json ${CANDIDATES:+--candidates "$CANDIDATES"} > "$OUT/record.tmp" 2>> "$OUT/err.log"; then
-    cat "$OUT/record.tmp" >> "$OUT/records.jsonl"; echo >> "$OUT/records.jsonl"
-    phase "done $p: winner $(grep -o '"winner": "[^"]*"' "$OUT/record.tmp" | tail -1 | cut -d'"' -f4)"
+      --weights "$weights" --rounds 11 --threads "$THREADS" --json ${CANDIDATES:+--candidates "$CANDIDATES"} > /tmp/farm-record.tmp 2>> "$OUT/err.log"; then
+    cat /tmp/farm-record.tmp >> "$OUT/records.jsonl"; echo >> "$OUT/records.jsonl"
+    phase "done $p: winner $(grep -o '"winner": "[^"]*"' /tmp/farm-record.tmp | tail -1 | cut -d'"' -f4)"
   else
     phase "measure failed or timed out: $p (last worker event: $(tail -1 "$FARM_PHASE_LOG" | cut -c1-200))"
   fi
@@ -49,6 +58,31 @@ done
 if [ -s "$OUT/records.jsonl" ]; then
   python3 -m farm.cli aggregate "$OUT/records.jsonl" --out "$OUT/tables" 2>> "$OUT/err.log"
   python3 -m farm.cli table show "$OUT"/tables/*.yaml 2>> "$OUT/err.log"
+  table=$(ls "$OUT"/tables/*.yaml | head -1)
+  # One spec per measured key, so that each check's report lands before the next begins.
+  python3 - "$OUT/records.jsonl" <<'PY' 2>> "$OUT/err.log"
+import json, sys, yaml
+for i, line in enumerate(l for l in open(sys.argv[1]) if l.strip()):
+    p = json.loads(line)["problem"]
+    entry = {"model": "check", "layers": {"layer": [p["n"], p["k"]]}, "ops": [p["op"]], "dtypes": [p["dtype"]],
+             "m": [p["m"]], "weights": [p["weights"]]}
+    if p.get("group_size"):
+        entry["group_size"] = p["group_size"]
+    spec = {"name": f"device-check-{i}", "isa": ["host"], "threads": [p["threads"]], "space": "minimal", "problems": [entry]}
+    yaml.safe_dump(spec, open(f"/tmp/farm-check-{i}.yaml", "w"))
+PY
+  for spec in $(ls /tmp/farm-check-*.yaml | sort -t- -k3 -n); do
+    left=$(( BUDGET_S - ($(date +%s) - start) ))
+    if [ "$left" -lt "$MIN_PROBLEM_S" ]; then phase "budget: ${left}s left, not checking $spec"; continue; fi
+    phase "check $spec against $table (at most ${left}s)"
+    if timeout "$left" python3 -m farm.cli bench kernels --shapes "$spec" --table "$table" --grid minimal \
+        --threads "$THREADS" --json > /tmp/farm-check.tmp 2>> "$OUT/err.log"; then
+      python3 -c "import json,sys; print(json.dumps(json.load(open('/tmp/farm-check.tmp'))))" >> "$OUT/check.jsonl"
+      phase "checked $spec: $(python3 -c "import json; r=json.load(open('/tmp/farm-check.tmp'))['rows'][0]; print('table/default', round(r['variants']['table']['speedup_vs_default'],3), 'table/MA', round(r['table_vs_max_autotune'],3), 'oracle', r['oracle']['id'], round(r['oracle']['speedup_vs_default'],3))")"
+    else
+      phase "check failed or timed out: $spec"
+    fi
+  done
 fi
 phase "end"
 tail -5 "$OUT/err.log"
