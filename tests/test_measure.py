@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from farm.measure.compiled import TOLERANCE
-from farm.measure.host import native_isa
+from farm.measure.host import host_id, native_isa
 from farm.measure.manager import measure
 from farm.measure.problem import Problem
 from farm.measure.record import validate_record
@@ -211,3 +211,14 @@ def test_bad_problem_is_rejected_before_any_work():
         measure(Problem("int8", "bf16", 0, 256, 256, threads=2))
     with pytest.raises(UserError, match="--isa amx"):
         measure(Problem("int8", "bf16", 1, 256, 256, threads=2), isa="amx")
+
+
+def test_an_empty_machine_id_is_no_host_id(tmp_path):
+    # The lent AMX host shipped an empty /etc/machine-id: every such VM was "vm-" to the farm.
+    empty, real = tmp_path / "empty", tmp_path / "real"
+    empty.write_text("\n")
+    real.write_text("0123456789abcdef\n")
+    assert not host_id(str(empty)).endswith("-")
+    assert host_id(str(empty)) != host_id(str(real))
+    assert host_id(str(real)).endswith("-0123456789ab")
+    assert host_id(str(tmp_path / "missing")) == host_id(str(empty))

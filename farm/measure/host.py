@@ -84,13 +84,15 @@ def _memory_bytes() -> int:
         return 0
 
 
-def host_id() -> str:
+def host_id(machine_id_path: str = "/etc/machine-id") -> str:
+    """hostname-machine: VMs share hostnames, so the machine id (else the MAC) tells them apart.
+    Some images ship an empty machine-id (the lent AMX host did): that is no id either."""
     try:
-        with open("/etc/machine-id") as f:
+        with open(machine_id_path) as f:
             machine = f.read().strip()[:12]
     except OSError:
-        machine = f"{uuid.getnode():012x}"
-    return f"{platform.node()}-{machine}"
+        machine = ""
+    return f"{platform.node()}-{machine or f'{uuid.getnode():012x}'}"
 
 
 def apply_emulation(isa: str | None) -> None:
