@@ -33,6 +33,27 @@ phase "start: budget ${BUDGET_S}s"
 python3 -c "import time; t=time.time(); import torch; print('torch', torch.__version__, torch.backends.cpu.get_cpu_capability(), f'import {time.time()-t:.1f}s')" > "$OUT/machine.txt" 2>&1
 lscpu >> "$OUT/machine.txt" 2>&1
 phase "torch imported: $(head -1 "$OUT/machine.txt")"
+# Where the host profile's 31-52 s per process went on the AMX host was not found: time each of
+# its steps once here (a few seconds where they are fast), so the next lease says which.
+python3 - >> "$OUT/phases.log" 2>> "$OUT/err.log" <<'PY'
+import time
+t = time.time()
+def step(name):
+    global t
+    now = time.time(); print(f"  host-profile step {name}: {now - t:.2f}s", flush=True); t = now
+import torch; step("import torch")
+import torch._inductor.config; step("import torch._inductor.config")
+from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list; step("import cpu_vec_isa")
+import os; torch.set_num_threads(os.cpu_count()); step("torch.set_num_threads()")
+torch.cpu.get_capabilities(); step("torch.cpu.get_capabilities()")
+valid_vec_isa_list(); step("valid_vec_isa_list()")
+pick_vec_isa(); step("pick_vec_isa()")
+from farm.measure import host; step("import farm.measure.host")
+host.host_id(); step("host_id()")
+host.profile(); step("profile() (cached parts again)")
+print(f"  cuda visible: {torch.cuda.is_available()}", flush=True); step("torch.cuda.is_available()")
+PY
+phase "host profile steps timed (phases.log)"
 HOST_JSON=/tmp/farm-host.json
 python3 -m farm.cli host --json > "$HOST_JSON" 2>> "$OUT/err.log"
 cat "$HOST_JSON" >> "$OUT/machine.txt"
