@@ -86,8 +86,10 @@ if [ -s "$OUT/records.jsonl" ]; then
   python3 -m farm.cli aggregate "$OUT/records.jsonl" --out "$OUT/tables" 2>> "$OUT/err.log"
   python3 -m farm.cli table show "$OUT"/tables/*.yaml 2>> "$OUT/err.log"
   table=$(ls "$OUT"/tables/*.yaml | head -1)
-  # One spec per measured key, so that each check's report lands before the next begins.
-  python3 - "$OUT/records.jsonl" <<'PY' 2>> "$OUT/err.log"
+  # One spec per measured key, so that each check's report lands before the next begins (in a
+  # fresh directory: specs left by an earlier run on this machine are not this run's keys).
+  checks=$(mktemp -d /tmp/farm-checks-XXXXXX)
+  python3 - "$OUT/records.jsonl" "$checks" <<'PY' 2>> "$OUT/err.log"
 import json, sys, yaml
 for i, line in enumerate(l for l in open(sys.argv[1]) if l.strip()):
     p = json.loads(line)["problem"]
@@ -96,16 +98,25 @@ for i, line in enumerate(l for l in open(sys.argv[1]) if l.strip()):
     if p.get("group_size"):
         entry["group_size"] = p["group_size"]
     spec = {"name": f"device-check-{i}", "isa": ["host"], "threads": [p["threads"]], "space": "minimal", "problems": [entry]}
-    yaml.safe_dump(spec, open(f"/tmp/farm-check-{i}.yaml", "w"))
+    yaml.safe_dump(spec, open(f"{sys.argv[2]}/{i:03d}.yaml", "w"))
 PY
-  for spec in $(ls /tmp/farm-check-*.yaml | sort -t- -k3 -n); do
+  for spec in "$checks"/*.yaml; do
     left=$(( BUDGET_S - ($(date +%s) - start) ))
     if [ "$left" -lt "$MIN_PROBLEM_S" ]; then phase "budget: ${left}s left, not checking $spec"; continue; fi
     phase "check $spec against $table (at most ${left}s)"
     if timeout "$left" python3 -m farm.cli bench kernels --shapes "$spec" --table "$table" --grid minimal \
         --threads "$THREADS" --json > /tmp/farm-check.tmp 2>> "$OUT/err.log"; then
-      python3 -c "import json,sys; print(json.dumps(json.load(open('/tmp/farm-check.tmp'))))" >> "$OUT/check.jsonl"
-      phase "checked $spec: $(python3 -c "import json; r=json.load(open('/tmp/farm-check.tmp'))['rows'][0]; print('table/default', round(r['variants']['table']['speedup_vs_default'],3), 'table/MA', round(r['table_vs_max_autotune'],3), 'oracle', r['oracle']['id'], round(r['oracle']['speedup_vs_default'],3))")"
+      # One line per report into check.jsonl; its summary to the phase log.
+      phase "checked $spec: $(python3 - "$OUT/check.jsonl" <<'PY'
+import json, sys
+report = json.load(open("/tmp/farm-check.tmp"))
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps(report) + "\n")
+r = report["rows"][0]
+print("table/default", round(r["variants"]["table"]["speedup_vs_default"], 3), "table/MA", round(r["table_vs_max_autotune"], 3),
+      "oracle", r["oracle"]["id"], round(r["oracle"]["speedup_vs_default"], 3))
+PY
+)"
     else
       phase "check failed or timed out: $spec"
     fi

@@ -1,9 +1,13 @@
 """Aggregation, staleness and diff: pure functions over records and tables."""
 
+import os
+
 import pytest
+import yaml
 
 from kernels.provenance import template_hash, torch_version
 
+from farm.measure.store import read_records
 from farm.tables.aggregate import aggregate
 from farm.tables.diff import compare_entries, diff_tables
 from tablekit import noisy, record
@@ -97,12 +101,6 @@ def test_a_flip_to_a_candidate_tied_with_the_winner_is_a_tie():
 def test_the_shipped_avx2_tables_are_what_aggregate_rebuilds_from_the_shipped_records():
     # The raw records are the source of truth: a shipped table that they do not rebuild is a
     # hand-edited or stale one (issue 9, item 6).
-    import os
-
-    import yaml
-
-    from farm.measure.store import read_records
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "docs", "table-sources.txt")) as f:
         sources = [os.path.join(root, line.strip()) for line in f if line.strip() and not line.startswith("#")]
