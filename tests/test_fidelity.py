@@ -28,7 +28,8 @@ def test_each_weight_state_is_enforced_and_recorded(weights, quick_protocol):
 # --- fast tier: pure functions over hand-made samples and records ---------------------------
 
 from farm.measure.protocol import Protocol  # noqa: E402
-from farm.measure.record import aa_gate, build_record, choose_winner, leads_in_processes, quorum  # noqa: E402
+from farm.measure.record import (aa_gate, build_record, choose_winner, leads_in_process, leads_in_processes,  # noqa: E402
+                                 process_offset, quorum)
 from farm.measure.timing import aa_off, aa_offset  # noqa: E402
 from farm.tables.aggregate import aggregate, combine, decide  # noqa: E402
 
@@ -93,9 +94,20 @@ def test_choose_winner_uses_every_process_band():
            {"process": 1, "speedup": 1.2, "speedup_ci95": [1.15, 1.25]}]
     entries = [{"id": "aten", "status": "ok", "speedup_vs_aten": 1.0, "speedup_ci95": [1.0, 1.0]},
                {"id": CAND, "status": "ok", "speedup_vs_aten": 1.2, "speedup_ci95": [1.15, 1.25], "per_process": per}]
-    assert choose_winner(entries, 0.02, [0.02, 0.02])[0] == CAND
-    assert choose_winner(entries, 0.02, [0.02, 0.30])[0] == "aten"  # process 1's noise swallows its lead
-    assert choose_winner(entries, 0.02, [0.02, 0.02], unreliable="A/A off")[0] == "aten"
+    assert choose_winner(entries, 0.02, [0.0, 0.0])[0] == CAND
+    assert choose_winner(entries, 0.02, [0.0, 0.30])[0] == "aten"  # process 1's A/A offset swallows its lead
+    assert choose_winner(entries, 0.02, [0.0, 0.0], unreliable="A/A off")[0] == "aten"
+
+
+def test_a_process_supports_a_lead_by_its_interval_above_its_aa_offset():
+    # A wide control that holds 1 adds no offset: the candidate's own interval carries that
+    # process's sampling noise (a model-state process of few rounds: bands of 0.1-0.6 measured).
+    wide = {"aa_ci95": [0.80, 1.25]}
+    assert process_offset(wide) == 0.0 and leads_in_process(1.16, [1.06, 1.25], process_offset(wide))
+    off = {"aa_ci95": [1.08, 1.20]}  # ATen twice, 8-20% apart: that process's bias
+    assert process_offset(off) == pytest.approx(0.08) and not leads_in_process(1.16, [1.06, 1.25], 0.08)
+    assert not leads_in_process(1.16, [0.98, 1.25], 0.0)  # the interval holds 1: no support
+    assert process_offset({}) == 0.0 and not leads_in_process(None, None, 0.0)
 
 
 def test_aa_gate_marks_a_record_unreliable_when_the_control_is_off():

@@ -143,11 +143,25 @@ def leads_in_processes(leads: list[bool]) -> bool:
     return sum(leads) >= quorum(len(leads))
 
 
-def process_leads(per_process: list[dict], bands: list[float]) -> list[bool]:
-    """Per process: does the candidate lead beyond that process's own A/A band?"""
-    band_of = dict(enumerate(bands))
-    return [p["speedup"] is not None and beyond_noise(p["speedup"], p["speedup_ci95"], band_of.get(p["process"], 0.0))
-            for p in per_process]
+def leads_in_process(speedup: float | None, ci95: list[float] | None, offset: float) -> bool:
+    """One process supports a lead when its own interval lies above 1 + that process's A/A offset.
+
+    The offset is how far the process's control (ATen's kernel compiled twice) sits from 1 beyond
+    its interval: a systematic bias of that process, which a lead must clear. The control's
+    sampling width is not added again: the candidate's own interval already carries that
+    process's sampling noise, and the pooled lead must still clear the whole A/A band."""
+    return speedup is not None and ci95 is not None and ci95[0] > 1.0 + offset
+
+
+def process_offset(row: dict) -> float:
+    """A process's A/A offset from its `processes` row (0 where it timed no control)."""
+    return aa_offset(row["aa_ci95"]) if row.get("aa_ci95") else 0.0
+
+
+def process_leads(per_process: list[dict], offsets: list[float]) -> list[bool]:
+    """Per process: does the candidate lead beyond that process's own A/A offset?"""
+    offset_of = dict(enumerate(offsets))
+    return [leads_in_process(p["speedup"], p["speedup_ci95"], offset_of.get(p["process"], 0.0)) for p in per_process]
 
 
 def aa_gate(control: dict | None, tolerance: float) -> str | None:
@@ -163,10 +177,11 @@ def aa_gate(control: dict | None, tolerance: float) -> str | None:
             f"(tolerance {tolerance}) after {len(control['samples_us'])} rounds")
 
 
-def choose_winner(entries: list[dict], band: float, bands: list[float] | None = None,
+def choose_winner(entries: list[dict], band: float, offsets: list[float] | None = None,
                   unreliable: str | None = None) -> tuple[str | None, str | None, str]:
-    """(winner, runner-up, rule). A non-default wins only beyond ATen and beyond the A/A noise,
-    pooled and in enough processes (`bands`: each process's A/A band), never in an unreliable record."""
+    """(winner, runner-up, rule). A non-default wins only beyond ATen and beyond the A/A band
+    pooled, and in enough processes beyond each one's A/A offset (`offsets`), never in an
+    unreliable record."""
     ranked = sorted((e for e in entries if e["status"] == "ok" and e["speedup_vs_aten"] is not None
                      and e["id"] != AA_CONTROL), key=lambda e: e["speedup_vs_aten"], reverse=True)
     if not ranked:
@@ -178,7 +193,7 @@ def choose_winner(entries: list[dict], band: float, bands: list[float] | None = 
         return ATEN, best["id"], f"unreliable record ({unreliable}): the default wins"
     if not beyond_noise(best["speedup_vs_aten"], best["speedup_ci95"], band):
         return ATEN, best["id"], f"{best['id']} leads inside the noise (band {band:.3f}): the default wins"
-    leads = process_leads(best.get("per_process") or [], bands or [])
+    leads = process_leads(best.get("per_process") or [], offsets or [])
     if leads and not leads_in_processes(leads):
         return ATEN, best["id"], (f"{best['id']} leads beyond the noise in {sum(leads)} of {len(leads)} processes "
                                   f"(needs {quorum(len(leads))}): the default wins")
@@ -212,7 +227,7 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
     band = stats.noise_band(tuple(control["speedup_ci95"]), control["speedup_vs_aten"]) if control else 0.0
     noise_rows = _process_noise(processes, protocol.bootstrap_resamples)
     unreliable = aa_gate(control, protocol.aa_tolerance)
-    winner, runner_up, rule = choose_winner(entries, band, [r["band"] for r in noise_rows], unreliable)
+    winner, runner_up, rule = choose_winner(entries, band, [process_offset(r) for r in noise_rows], unreliable)
     rounds_each = [r["rounds"] for r in noise_rows]
     rounds = sum(rounds_each)
     return {
@@ -257,11 +272,9 @@ def process_samples(record: dict) -> dict[int, dict[str, list[float]]]:
     return out
 
 
-def process_bands(record: dict) -> dict[int, float]:
-    """Each process's own A/A band (the record's pooled band where it kept none)."""
-    rows = record.get("processes") or []
-    bands = {r.get("process", i): r.get("band", 0.0) for i, r in enumerate(rows)}
-    return bands or {0: record["noise"]["band"]}
+def process_offsets(record: dict) -> dict[int, float]:
+    """Each process's own A/A offset (0 for a record that kept no per-process rows)."""
+    return {r.get("process", i): process_offset(r) for i, r in enumerate(record.get("processes") or [])}
 
 
 def _weight_state(record: dict) -> tuple:

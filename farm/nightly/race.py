@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from kernels.candidates import AA_CONTROL
 
 from farm.measure import stats
-from farm.measure.record import beyond_noise, poolable, process_bands, process_samples, quorum
+from farm.measure.record import beyond_noise, leads_in_process, poolable, process_offsets, process_samples, quorum
 from farm.measure.store import host_name
 from farm.tables.aggregate import combine, decide, noise_band, reliable_only
 
@@ -52,7 +52,7 @@ def confidence(records: list[dict], resamples: int = RESAMPLES) -> dict | None:
     """How decided a key is on these records, pooled. The leader L and second S are the two
     fastest candidates (ATen included; a candidate that generated L's very code is L, not a
     rival); the lead is L's paired speedup over S per round (t_S / t_L) with its 95% interval,
-    and the processes are those where L leads S beyond that process's own A/A band. Decided:
+    and the processes are those where L leads S beyond that process's own A/A offset. Decided:
     beyond the interval and the band, in enough processes (the winner rule), on reliable
     records. `winner` is the table's decision on the same records. None without records."""
     if not records:
@@ -78,7 +78,7 @@ def confidence(records: list[dict], resamples: int = RESAMPLES) -> dict | None:
         return {**base, "decided": not unreliable}
     pooled, agree, processes = [], 0, 0
     for record in used:
-        bands = process_bands(record)
+        offsets = process_offsets(record)
         for index, samples in sorted(process_samples(record).items()):
             if leader.id not in samples or second.id not in samples:
                 continue
@@ -87,7 +87,7 @@ def confidence(records: list[dict], resamples: int = RESAMPLES) -> dict | None:
                 continue
             pooled += ratios
             processes += 1
-            agree += beyond_noise(stats.median(ratios), stats.bootstrap_ci(ratios, resamples), bands.get(index, band))
+            agree += leads_in_process(stats.median(ratios), list(stats.bootstrap_ci(ratios, resamples)), offsets.get(index, 0.0))
     if not pooled:
         return {**base, "decided": False}
     lead, ci = stats.median(pooled), stats.bootstrap_ci(pooled, resamples)

@@ -17,7 +17,7 @@ from kernels.provenance import threads_hash
 from kernels.table import REGRET_THRESHOLD, TABLE_SCHEMA
 
 from farm.measure import stats
-from farm.measure.record import beyond_noise, leads_in_processes, process_leads, quorum
+from farm.measure.record import beyond_noise, leads_in_processes, process_leads, process_offset, quorum
 from farm.measure.store import host_name
 
 # A neighbour M bucket may borrow this entry's winner when it loses at most 3% against its
@@ -116,7 +116,7 @@ def _record_leads(record: dict, cand: dict) -> list[bool]:
     """The candidate's per-process leads in a record of several processes ([] otherwise)."""
     if not cand.get("per_process") or len(cand["per_process"]) < 2:
         return []
-    return process_leads(cand["per_process"], [p.get("band", 0.0) for p in record.get("processes") or []])
+    return process_leads(cand["per_process"], [process_offset(p) for p in record.get("processes") or []])
 
 
 def reliable_only(records: list[dict]) -> tuple[list[dict], bool]:
