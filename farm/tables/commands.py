@@ -107,7 +107,9 @@ def rule_summary(doc: dict) -> str:
     answers = sorted({str(n["leaf"]) for n in leaves if n["leaf"] is not None})
     depth = v.get("depth")
     if v.get("depth_by_op"):
-        depth = ", ".join(f"{op} {d}" for op, d in sorted(v["depth_by_op"].items()))
+        leaves_of = v.get("min_leaf_by_op") or {}
+        depth = ", ".join(f"{op} {d}" + (f" (leaves >= {leaves_of[op]})" if op in leaves_of else "")
+                          for op, d in sorted(v["depth_by_op"].items()))
     left_out = "".join(f"; left out of its domain: {why}" for why in v.get("excluded") or [])
     return (f"rule: {len(rule['nodes'])} nodes, depth {depth}, {len(leaves)} leaves "
             f"({sum(n['leaf'] is None for n in leaves)} unsure; answers {', '.join(answers) or 'none'}), trained on "
