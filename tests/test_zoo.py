@@ -160,3 +160,32 @@ def test_coverage_of_the_whole_zoo(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["overall"]["models"] == len(load_zoo()) and doc["overall"]["decided"] == 0
     assert main(["coverage", "--table", _table(tmp_path)]) == 2  # neither a model nor --all
+
+
+def test_coverage_against_an_old_table_lists_each_change_and_writes_a_check_spec(tmp_path, capsys):
+    config, old = _config(tmp_path), _table(tmp_path)
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    entries = [entry("int8", "bf16", 1, 256, 256, None, "cpp", weights="model"),                   # unchanged
+               entry("int8", "bf16", 8, 640, 256, None, "dq[fp32]", nearest_m_ok=True, weights="warm"),  # aten -> dq
+               entry("int8", "bf16", 8, 256, 640, None, "aten", nearest_m_ok=True, weights="warm")]  # cpp -> aten
+    (new_dir / "table.yaml").write_text(yaml.safe_dump(table_doc(entries, isa="avx512", threads=2)))
+    spec = tmp_path / "check.yaml"
+    assert main(["coverage", config, "--table", str(new_dir / "table.yaml"), "--against", old, "--threads", "2",
+                 "--m", "1", "8", "--ops", "int8", "--json", "--check-spec", str(spec), "--per-change", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)["changes"]
+    kinds = doc["by_kind"]
+    # gate and up at M 1 and 8: ATen (nearest-M at 1) -> dq[fp32]; down at M=8: cpp -> ATen, at M=1: Inductor -> ATen
+    assert kinds["aten (table) -> dq[fp32] (table)"] == {"matmuls": 2, "problems": 1}
+    assert kinds["aten (table:nearest-m) -> dq[fp32] (table:nearest-m)"] == {"matmuls": 2, "problems": 1}
+    assert kinds["cpp (table) -> aten (table)"]["matmuls"] == 1
+    assert kinds["inductor -> aten (table:nearest-m)"]["matmuls"] == 1
+    assert sum(k["matmuls"] for k in kinds.values()) == 6 and len(doc["problems"]) == 4
+    # The check spec: only changes to a candidate (to ATen or Inductor cannot be slower than the
+    # default), one problem per kind, each in the state its nearest-M entries were decided in.
+    checked = parse_spec(yaml.safe_load(spec.read_text()))
+    got = sorted((t.problem.m, t.problem.n, t.problem.k, t.problem.weights) for t in checked.tasks)
+    assert got == [(1, 640, 256, "model"), (8, 640, 256, "warm")]
+    assert {t.problem.threads for t in checked.tasks} == {2} and checked.isa == ["avx512"]
+    assert main(["coverage", config, "--table", old, "--check-spec", str(spec)]) == 2
+    assert "--check-spec needs --against" in capsys.readouterr().err

@@ -19,5 +19,11 @@ def register(sub) -> None:
     p.add_argument("--table", default=None, help="default: this host's shipped table")
     p.add_argument("--threads", type=int, default=None, help="the process's thread count (default: this one's)")
     p.add_argument("--isa", default=None, help="the host's ISA class (default: the table's own)")
+    p.add_argument("--against", default=None, metavar="OLD",
+                   help="also list what OLD (the table or directory the new one replaces) decides differently")
+    p.add_argument("--check-spec", default=None, metavar="FILE",
+                   help="with --against: write a `farm bench kernels --shapes` spec of the changed problems to check")
+    p.add_argument("--per-change", type=int, default=2,
+                   help="with --check-spec: problems per kind of change, the most-used first (default 2)")
     shapes.add_model_args(p)
     p.set_defaults(fn=coverage.cmd_coverage)

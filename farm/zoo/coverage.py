@@ -163,9 +163,20 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.all):
         raise UserError("coverage: name one model (zoo id or config.json path) or give --all")
+    if args.check_spec and not args.against:
+        raise UserError("coverage: --check-spec needs --against OLD (the table set the new one replaces)")
     view = open_table(args.table, args.threads, args.isa)
     models = list(load_zoo().values()) if args.all else [args.model]
     results = [model_coverage(view, m, args.m, args.ops, args.dtype, args.group_size, args.fused) for m in models]
+    found = None
+    if args.against:
+        from farm.zoo import changes
+
+        old_view = open_table(args.against, view.threads, view.isa)
+        old = [model_coverage(old_view, m, args.m, args.ops, args.dtype, args.group_size, args.fused) for m in models]
+        found = changes.changes(old, results)
+        if args.check_spec:
+            changes.write_check_spec(args.check_spec, changes.to_check(found, args.per_change), view, old_view.path)
     if args.json:
         doc = {"table": view.path, "isa": view.isa, "threads": view.threads, "refused": view.refused,
                "tables": [t.path for t in view.tables.tables.values()], "transfer": view.transfer,
@@ -173,6 +184,9 @@ def cmd_coverage(args: argparse.Namespace) -> int:
                "models": [r.summary() for r in results], "overall": overall(results)}
         if not args.all:
             doc["decisions"] = [asdict(d) for d in results[0].decisions]
+        if found is not None:
+            doc["changes"] = {"against": args.against, "by_kind": changes.by_kind(found),
+                              "problems": [c.as_dict() for c in found]}
         print(json.dumps(doc))
         return 0
     console = Console(width=200)
@@ -189,4 +203,13 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         sources = ", ".join(f"{s} {n}" for s, n in total["by_source"].items())
         console.print(f"overall: {total['decided']}/{total['matmuls']} decided by the table "
                       f"({100 * total['share']:.1f}%) over {total['models']} models; {sources}", markup=False)
+    if found is not None:
+        kinds = changes.by_kind(found)
+        console.print(f"against {args.against}: {sum(k['matmuls'] for k in kinds.values())} matmuls "
+                      f"({len(found)} problems) decided differently", markup=False)
+        for kind, n in kinds.items():
+            console.print(f"  {n['matmuls']:5d} matmuls, {n['problems']:3d} problems: {kind}", markup=False)
+        if args.check_spec:
+            console.print(f"wrote {args.check_spec}: the problems to compile end to end before the new table ships",
+                          markup=False)
     return 0
