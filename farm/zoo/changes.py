@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from farm.zoo.coverage import INDUCTOR, Decision, ModelCoverage, TableView
+from kernels.table import EntryKey
+
+from farm.zoo.coverage import INDUCTOR, ModelCoverage, TableView
 
 
 @dataclass
 class Change:
     """One problem whose decision differs between the two table sets, with every zoo matmul it is."""
 
-    op: str
-    dtype: str
-    m: int
-    n: int
-    k: int
-    group_size: int | None
+    key: EntryKey
     before: tuple[str, str | None]  # (source, choice)
     after: tuple[str, str | None]
     uses: list[tuple[str, str]] = field(default_factory=list)  # (model, layer)
@@ -44,17 +41,13 @@ class Change:
         return f"{_say(self.before)} -> {_say(self.after)}"
 
     def as_dict(self) -> dict:
-        return {"op": self.op, "dtype": self.dtype, "m": self.m, "n": self.n, "k": self.k, "group_size": self.group_size,
-                "before": list(self.before), "after": list(self.after), "matmuls": len(self.uses), "models": self.models}
+        return {**asdict(self.key), "before": list(self.before), "after": list(self.after), "matmuls": len(self.uses),
+                "models": self.models}
 
 
 def _say(decision: tuple[str, str | None]) -> str:
     source, choice = decision
     return INDUCTOR if source == INDUCTOR else f"{choice} ({source})"
-
-
-def _key(d: Decision) -> tuple:
-    return (d.op, d.dtype, d.m, d.n, d.k, d.group_size)
 
 
 def changes(old: list[ModelCoverage], new: list[ModelCoverage]) -> list[Change]:
@@ -67,14 +60,12 @@ def changes(old: list[ModelCoverage], new: list[ModelCoverage]) -> list[Change]:
         for a, b in zip(before.decisions, after.decisions):
             if (a.source, a.choice) == (b.source, b.choice):
                 continue
-            change = found.setdefault(_key(b) + ((a.source, a.choice), (b.source, b.choice)),
-                                      Change(*_key(b), (a.source, a.choice), (b.source, b.choice)))
-            change.uses.append((after.model, b.layer))
-    return sorted(found.values(), key=lambda c: (-len(c.uses), c.kind(), _key_of(c)))
-
-
-def _key_of(c: Change) -> tuple:
-    return (c.op, c.m, c.n, c.k)
+            key = EntryKey(b.op, b.dtype, b.m, b.n, b.k, b.group_size)
+            ident = (key, (a.source, a.choice), (b.source, b.choice))
+            if ident not in found:
+                found[ident] = Change(*ident)
+            found[ident].uses.append((after.model, b.layer))
+    return sorted(found.values(), key=lambda c: (-len(c.uses), c.kind(), c.key.op, c.key.m, c.key.n, c.key.k))
 
 
 def by_kind(found: list[Change]) -> dict[str, dict]:
@@ -120,10 +111,11 @@ def check_spec(picked: list[Change], view: TableView, name: str) -> dict:
     problems = []
     for c in picked:
         model, layer = c.uses[0]
-        problem = {"model": model, "layers": {layer: [c.n, c.k]}, "ops": [c.op], "dtypes": [c.dtype], "m": [c.m],
-                   "weights": [weight_state(view, c.op, c.m)]}
-        if c.group_size is not None:
-            problem["group_size"] = c.group_size
+        key = c.key
+        problem = {"model": model, "layers": {layer: [key.n, key.k]}, "ops": [key.op], "dtypes": [key.dtype],
+                   "m": [key.m], "weights": [weight_state(view, key.op, key.m)]}
+        if key.group_size is not None:
+            problem["group_size"] = key.group_size
         problems.append(problem)
     return {"name": name, "isa": [view.isa], "threads": [view.threads], "space": "minimal", "worker_memory_gb": 8,
             "problems": problems}
