@@ -237,6 +237,28 @@ def test_fidelity_report_counts_agreement_on_claimed_keys_only():
     assert rep["cost"]["timing_share"] == pytest.approx(0.2)
 
 
+def test_a_disagreement_between_candidates_within_noise_of_each_other_is_a_tie_not_a_flip():
+    from farm.bench.fidelity import agreement
+
+    def rec(winner, speedups, band=0.03):
+        r = record("h1", "int8", 128, {"aten": [100.0] * 5, "aten~aa": [100.0] * 5, "cpp": [80.0] * 5,
+                                       "dq[fp32]": [80.0] * 5})
+        r.update(winner=winner, noise={**r["noise"], "band": band})
+        for c in r["candidates"]:
+            c["speedup_vs_aten"] = speedups.get(c["id"], 1.0)
+        return r
+
+    # Two candidates about 1.25x in both runs: each run's winner is within the other run's noise.
+    tie = [[rec("cpp", {"cpp": 1.26, "dq[fp32]": 1.24})], [rec("dq[fp32]", {"cpp": 1.24, "dq[fp32]": 1.25})]]
+    a = agreement(tie)
+    assert a["agree"] == 0 and a["ties"] == 1 and a["agreement_up_to_ties"] == 1.0
+    # The same winners, but dq[fp32] far behind in the first run: a real disagreement.
+    flip = [[rec("cpp", {"cpp": 1.26, "dq[fp32]": 1.06})], [rec("dq[fp32]", {"cpp": 1.24, "dq[fp32]": 1.25})]]
+    assert agreement(flip)["ties"] == 0
+    # A candidate against the default is never a tie, however close.
+    assert agreement([[rec("cpp", {"cpp": 1.26})], [rec("aten", {"cpp": 1.02})]])["ties"] == 0
+
+
 # --- measured vs delivered (issue 11): the farm's speedup against the speedup end to end -----
 
 

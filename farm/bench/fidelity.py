@@ -46,23 +46,44 @@ def claims(record: dict) -> bool:
     return record["winner"] not in (None, ATEN)
 
 
+def tied(records: list[dict]) -> bool:
+    """The runs' winners differ but all are non-default candidates and, in every run, each is
+    within that run's noise band of the run's best: equally fast candidates (a tie the table may
+    settle either way at no cost), not a decision that flips between the default and a candidate."""
+    winners = {r["winner"] for r in records}
+    if len(winners) < 2 or None in winners or ATEN in winners:
+        return False
+    for record in records:
+        ok = {c["id"]: c["speedup_vs_aten"] for c in record["candidates"]
+              if c["status"] == "ok" and c["id"] != AA_CONTROL and c["speedup_vs_aten"] is not None}
+        best, band = max(ok.values()), record["noise"]["band"]
+        if any(w not in ok or ok[w] * (1 + band) < best for w in winners):
+            return False
+    return True
+
+
 def agreement(runs: list[list[dict]]) -> dict:
-    """Winner agreement between runs on the keys where any run claims a margin beyond noise."""
-    by_key: dict[str, list[str | None]] = defaultdict(list)
+    """Winner agreement between runs on the keys where any run claims a margin beyond noise;
+    apart, the disagreements that are ties between candidates within noise of each other."""
+    by_key: dict[str, list[dict]] = defaultdict(list)
     claimed: set[str] = set()
     for records in runs:
         for record in records:
             key = problem_key(record["problem"])
-            by_key[key].append(record["winner"])
+            by_key[key].append(record)
             if claims(record):
                 claimed.add(key)
-    complete = {k: w for k, w in by_key.items() if len(w) == len(runs)}
+    complete = {k: [r["winner"] for r in rs] for k, rs in by_key.items() if len(rs) == len(runs)}
     contested = sorted(k for k in claimed if k in complete)
     agree = [k for k in contested if len(set(complete[k])) == 1]
+    ties = [k for k in contested if k not in agree and tied(by_key[k])]
     return {"keys": len(complete), "claimed_keys": len(contested), "agree": len(agree),
             "agreement": len(agree) / len(contested) if contested else None,
+            "ties": len(ties),
+            "agreement_up_to_ties": (len(agree) + len(ties)) / len(contested) if contested else None,
             "all_keys_agree": sum(1 for w in complete.values() if len(set(w)) == 1),
-            "disagreeing": {k: complete[k] for k in contested if k not in agree}}
+            "disagreeing": {k: complete[k] for k in contested if k not in agree},
+            "tied": ties}
 
 
 def aa_summary(records: list[dict]) -> dict:
@@ -262,7 +283,8 @@ def render(rep: dict, console) -> None:
     a, aa, c = rep["agreement"], rep["aa"], rep["cost"]
     share = f"{a['agreement']:.0%}" if a["agreement"] is not None else "n/a"
     console.print(f"{rep['runs']} runs x {rep['problems']} problems: winners agree on {a['agree']}/{a['claimed_keys']} "
-                  f"claimed keys ({share}); on {a['all_keys_agree']}/{a['keys']} keys in all")
+                  f"claimed keys ({share}); {a['ties']} more are ties within noise; on {a['all_keys_agree']}/{a['keys']} "
+                  "keys in all")
     console.print(f"A/A: control holds 1 in {aa['control_holds_1']}/{aa['with_control']} records; "
                   f"{aa['unreliable']} unreliable; median band {aa['median_band']:.3f}")
     console.print(f"cost: {c['wall_s_per_problem']:.1f} s per problem, timing {c['timing_share']:.1%} of it, "
