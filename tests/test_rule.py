@@ -286,3 +286,21 @@ def test_each_op_ships_the_tree_shape_that_captured_most_held_out_gain_without_a
             v = validate(samples, d, leaf)
             if v["losses_vs_default"] == 0:
                 assert (v["gain_captured"] or 0) <= (chosen["gain_captured"] or 0)
+
+
+def test_the_deepest_tree_the_aggregator_tries_loads_under_the_op_split():
+    """A per-op subtree sits under the root's op split, one level deeper than itself; kernels/rule.py
+    refuses trees deeper than MAX_DEPTH (a depth-8 subtree once made a table its own loader refused)."""
+    from farm.tables.rule import DEPTHS
+
+    # cpp wins and loses by turns along N: a tree keeps splitting to the deepest shape allowed.
+    samples = [_sample("A", 128, 256 * (i + 1), {"cpp": 1.4 if i % 2 else 0.7}) for i in range(160)]
+    samples += [_sample("A", 1, 1024, {"dq[fp32]": 0.5}, op="int4", group=128)]
+    nodes = train(samples, depth=max(DEPTHS), min_leaf=1)
+
+    def depth(i=0):
+        node = nodes[i]
+        return 0 if "leaf" in node else 1 + max(depth(node["left"]), depth(node["right"]))
+
+    assert depth() == max(DEPTHS) + 1 == MAX_DEPTH
+    parse_rule(_rule(nodes, domain=(("int8", "bf16"), ("int4", "bf16"))), "rule", THREADS)  # loads, no RuleError

@@ -24,15 +24,16 @@ from farm.measure import stats
 
 # Tree shapes tried per op (int8 and int4 are separate subtrees, validated one by one): every
 # depth up to the runtime's bound crossed with every smallest leaf. Of those with no held-out
-# loss, the one capturing the most held-out gain ships (then the most decided, then the deeper and
-# finer: at equal held-out results it decides more of the shapes nobody measured). How deep pays depends on how many problems the records hold: on 62
-# 2-thread AVX2 int8 problems depth 4 captured 90% of the held-out gain; on 97 (with the 7-8B
-# layers) depth 4 captured 72% and decided 69, depth 7 with leaves of 2 captured 89% and decided
-# 92, with no held-out loss at any depth. On so few problems the smallest leaf moves the greedy
-# splits as much as the depth does. Depth 1 is a stump (decode vs prefill, say): the last resort
-# before an op leaves the domain. The held-out numbers shipped are those of the shape chosen on
-# them: mildly optimistic, which is why new rule decisions are also compiled end to end before a
-# table ships.
+# loss, the one capturing the most held-out gain ships (then the most decided, then the deeper
+# and finer: at equal held-out results it decides more of the shapes nobody measured). How deep
+# pays depends on how many problems the records hold: on 62 2-thread AVX2 int8 problems depth 4
+# captured 90% of the held-out gain; on 97 (with the 7-8B layers) depth 4 captured 72% and
+# decided 69, depth 7 with leaves of 2 captured 89% and decided 92, with no held-out loss at any
+# depth. A deep tree on so few problems is also unstable: one more record near the M=512
+# dq-vs-template boundary moved 90 zoo decisions (docs/RESULTS.md, seventh session). Depth 1 is
+# a stump (decode vs prefill, say): the last resort before an op leaves the domain. The held-out
+# numbers shipped are those of the shape chosen on them: mildly optimistic, which is why new rule
+# decisions are also compiled end to end before a table ships.
 DEPTHS = tuple(range(MAX_DEPTH - 1, 0, -1))  # per op: the root node splits on the op
 MIN_LEAVES = (1, 2, 3, 4)
 DEFAULT_DEPTH = 4
