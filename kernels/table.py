@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .candidates import ATEN, Candidate, CandidateError, check_bounds, parse, transfers_across_threads
+from .candidates import ATEN, DEQUANT, Candidate, CandidateError, check_bounds, dense_temp_bytes, parse, transfers_across_threads
 from .provenance import same_release, threads_hash
 from .rule import Rule, RuleError, features, parse_rule, predict
 
@@ -281,11 +281,24 @@ def lookup(table: Table, op: str, dtype: str, m: int | None, n: int, k: int,
     exact = table.entries.get(EntryKey(op, dtype, m, n, k, group_size))
     if exact is not None:
         return (exact.candidate, "table", "") if not exact.stale else (None, "inductor", "stale entry")
-    nearest = min(family, key=lambda e: (_log_distance(e.key.m, m), e.key.m))
-    if nearest.nearest_m_ok:
+    nearest, why_not = _nearest_m(family, m)
+    if nearest is not None:
         return nearest.candidate, "table:nearest-m", f"M={m} uses the M={nearest.key.m} entry"
-    return _by_rule(table, op, dtype, m, n, k, group_size,
-                    f"M={m} not in the table and the M={nearest.key.m} entry is not safe for other M")
+    return _by_rule(table, op, dtype, m, n, k, group_size, why_not)
+
+
+def _nearest_m(family: list[Entry], m: int) -> tuple[Entry | None, str]:
+    """(the nearest-M entry that may serve M, or None and why not). Only between the family's
+    smallest and largest measured M: `nearest_m_ok` was measured against the neighbouring M
+    buckets, which says nothing past the last one (an int4 family measured at M 128 and 512,
+    `dq[fp32]` at both, would otherwise send decode, where `dq` runs at 0.3x, to `dq`)."""
+    nearest = min(family, key=lambda e: (_log_distance(e.key.m, m), e.key.m))
+    if not nearest.nearest_m_ok:
+        return None, f"M={m} not in the table and the M={nearest.key.m} entry is not safe for other M"
+    ms = sorted(e.key.m for e in family)
+    if not ms[0] <= m <= ms[-1]:
+        return None, f"M={m} not in the table and outside its measured M range ({ms[0]}..{ms[-1]})"
+    return nearest, ""
 
 
 def _by_rule(table: Table, op: str, dtype: str, m: int | None, n: int, k: int, group_size: int | None,
@@ -297,7 +310,19 @@ def _by_rule(table: Table, op: str, dtype: str, m: int | None, n: int, k: int, g
     candidate, path = predict(table.rule, features(op, dtype, m, n, k, group_size))
     if candidate is None:
         return None, "inductor", f"{why_not_entries}; the rule is unsure here ({path})"
+    temp, measured = dense_temp_bytes(candidate, dtype, n, k), largest_dq_win(table, op)
+    if temp > measured:
+        # A tree answers the same beyond its largest training problem; dq's cost grows with its
+        # per-call dense weight, so the rule may not send dq past the largest one seen to win.
+        return None, "inductor", (f"{why_not_entries}; the rule says {candidate.id} ({path}), whose {temp >> 20} MiB "
+                                  f"dense weight per call exceeds the largest {op} dq winner measured ({measured >> 20} MiB)")
     return candidate, "table:rule", path
+
+
+def largest_dq_win(table: Table, op: str) -> int:
+    """The largest per-call dense weight of any `op` entry a dq candidate won (0: none)."""
+    return max((dense_temp_bytes(e.candidate, e.key.dtype, e.key.n, e.key.k) for e in table.entries.values()
+                if e.key.op == op and e.candidate.kind == DEQUANT and not e.stale), default=0)
 
 
 # --- table sets: one table per thread count, and thread transfer -----------------------------
@@ -433,9 +458,9 @@ def transfer(tables: list[Table], op: str, dtype: str, m: int | None, n: int, k:
         return choice, "table:transfer", f"the exact entries at {', '.join(map(str, exact))} threads agree"
     notes = ["no table entry"]
     if with_family:
-        nearest = {t.threads: min(families[t.threads], key=lambda e: (_log_distance(e.key.m, m), e.key.m)) for t in with_family}
-        where = ", ".join(f"{th}: M={e.key.m}" for th, e in nearest.items())
-        choice, why = _agreed({th: e.candidate if e.nearest_m_ok else None for th, e in nearest.items()},
+        nearest = {t.threads: _nearest_m(families[t.threads], m)[0] for t in with_family}
+        where = ", ".join(f"{th}: M={e.key.m}" if e else f"{th}: none" for th, e in nearest.items())
+        choice, why = _agreed({th: e.candidate if e else None for th, e in nearest.items()},
                               f"the nearest-M entries ({where})")
         if choice is not None:
             return choice, "table:transfer", f"M={m}: the nearest-M entries of {_counts(with_family)} agree ({where})"

@@ -87,12 +87,19 @@ def test_a_table_with_a_malformed_rule_gives_one_warning_and_inductors_behaviour
 def test_lookup_order_exact_then_nearest_m_then_rule_then_inductor(tmp_path):
     path = tmp_path / "t.yaml"
     doc = table_doc([entry("int8", "bf16", 32, 4096, 4096, None, "cpp[cb=1,16,64]", nearest_m_ok=True),
+                     entry("int8", "bf16", 128, 4096, 4096, None, "cpp[cb=1,16,64]", nearest_m_ok=True),
                      entry("int8", "bf16", 128, 2048, 2048, None, "dq", nearest_m_ok=False)],
                     threads=THREADS, rule=TREE)
     path.write_text(yaml.safe_dump(doc))
     table = load(str(path), torch_version(), template_hash())
     assert lookup(table, "int8", "bf16", 32, 4096, 4096, None)[:2] == (parse("cpp[cb=1,16,64]"), "table")
     assert lookup(table, "int8", "bf16", 64, 4096, 4096, None)[:2] == (parse("cpp[cb=1,16,64]"), "table:nearest-m")
+    # nearest_m_ok was measured against the neighbouring M buckets: it says nothing past the
+    # measured range, where the rule decides (decode -> cpp; prefill -> unsure -> Inductor).
+    candidate, source, note = lookup(table, "int8", "bf16", 1, 4096, 4096, None)
+    assert (candidate, source) == (parse("cpp"), "table:rule")
+    candidate, source, note = lookup(table, "int8", "bf16", 512, 4096, 4096, None)
+    assert (candidate, source) == (None, "inductor") and "outside its measured M range (32..128)" in note
     # The M=128 entry is not safe for M=8: the rule decides (decode -> cpp).
     assert lookup(table, "int8", "bf16", 8, 2048, 2048, None)[:2] == (parse("cpp"), "table:rule")
     # No entry, and the rule says decode -> cpp; prefill -> unsure -> Inductor, saying why.
@@ -103,6 +110,23 @@ def test_lookup_order_exact_then_nearest_m_then_rule_then_inductor(tmp_path):
     # Outside the rule's domain (it was trained on int8 x bf16 only): Inductor, saying why.
     candidate, source, note = lookup(table, "int4", "bf16", 1, 1024, 3072, 128)
     assert (candidate, source) == (None, "inductor") and "not trained on int4 x bf16" in note
+
+
+def test_the_rule_sends_dq_no_further_than_the_largest_dense_weight_dq_won_at(tmp_path):
+    # Prefill -> dq[fp32]; the table's largest int8 dq winner is 1024 x 1024 (a 4 MiB fp32 weight).
+    tree = _rule([{"feature": "log2_m", "threshold": 4.0, "left": 1, "right": 2},
+                  {"leaf": "cpp", "samples": 4}, {"leaf": "dq[fp32]", "samples": 3}])
+    path = tmp_path / "t.yaml"
+    doc = table_doc([entry("int8", "bf16", 512, 1024, 1024, None, "dq[fp32]"),
+                     entry("int8", "bf16", 128, 8192, 8192, None, "cpp")], threads=THREADS, rule=tree)
+    path.write_text(yaml.safe_dump(doc))
+    table = load(str(path), torch_version(), template_hash())
+    assert lookup(table, "int8", "bf16", 512, 1024, 1024, None)[:2] == (parse("dq[fp32]"), "table")
+    assert lookup(table, "int8", "bf16", 512, 512, 2048, None)[:2] == (parse("dq[fp32]"), "table:rule")  # 4 MiB
+    candidate, source, note = lookup(table, "int8", "bf16", 512, 2048, 1024, None)  # 8 MiB
+    assert (candidate, source) == (None, "inductor")
+    assert "8 MiB dense weight per call exceeds the largest int8 dq winner measured (4 MiB)" in note
+    assert lookup(table, "int8", "bf16", 1, 2048, 1024, None)[:2] == (parse("cpp"), "table:rule")  # not dq: no bound
 
 
 # --- training and validation (farm side) ---------------------------------------------------------

@@ -53,10 +53,13 @@ T1 = [_e(32, 256, 256, "cpp[cb=1,4,16]"),         # agreed, thread-independent: 
       _e(32, 512, 256, "cpp"),                    # the counts disagree
       _e(32, 256, 512, "cpp[tf=1,1,1]"),          # thread factors, measured at 1 thread only
       _e(32, 128, 256, "aten"),                   # measured at 1 thread only: transfers
-      _e(16, 1024, 256, "dq", nearest_m_ok=True),  # nearest-M, agreed
-      _e(16, 2048, 256, "cpp", nearest_m_ok=True)]  # nearest-M, not safe at 2 threads
+      _e(16, 1024, 256, "dq", nearest_m_ok=True),  # nearest-M, agreed (nearest-M answers between
+      _e(256, 1024, 256, "dq", nearest_m_ok=True),  # measured M buckets only)
+      _e(16, 2048, 256, "cpp", nearest_m_ok=True),  # nearest-M, not safe at 2 threads
+      _e(64, 2048, 256, "cpp", nearest_m_ok=True)]
 T2 = [_e(32, 256, 256, "cpp[cb=1,4,16]"),
       _e(32, 512, 256, "aten"),
+      _e(16, 1024, 256, "dq", nearest_m_ok=True),
       _e(64, 1024, 256, "dq", nearest_m_ok=True),
       _e(16, 2048, 256, "cpp", nearest_m_ok=False),
       _e(64, 256, 512, "cpp[tf=2,1,1]")]

@@ -120,7 +120,8 @@ def test_a_spec_naming_a_zoo_model_expands_to_its_layers():
 
 def _table(tmp_path, threads=2) -> str:
     entries = [entry("int8", "bf16", 1, 256, 256, None, "cpp"),                       # q_proj, o_proj exact at M=1
-               entry("int8", "bf16", 8, 640, 256, None, "aten", nearest_m_ok=True),   # gate/up: safe for other M
+               entry("int8", "bf16", 2, 640, 256, None, "aten", nearest_m_ok=True),   # gate/up: safe for other M
+               entry("int8", "bf16", 8, 640, 256, None, "aten", nearest_m_ok=True),   # (between M=2 and M=8)
                entry("int8", "bf16", 8, 256, 640, None, "cpp", nearest_m_ok=False)]   # down: M=8 only
     path = tmp_path / "table.yaml"
     path.write_text(yaml.safe_dump(table_doc(entries, isa="avx512", threads=threads)))
@@ -134,18 +135,19 @@ def test_coverage_reports_exact_nearest_m_and_inductor_decisions(tmp_path, capsy
     assert (by["q_proj", 1].source, by["q_proj", 1].choice) == ("table", "cpp")
     assert by["q_proj", 4].source == "inductor" and "not safe for other M" in by["q_proj", 4].note
     assert (by["up_proj", 4].source, by["up_proj", 4].choice) == ("table:nearest-m", "aten")
-    assert "M=8 entry" in by["gate_proj", 1].note
+    assert "M=4 uses the M=2 entry" in by["up_proj", 4].note
+    assert by["gate_proj", 1].source == "inductor" and "outside its measured M range (2..8)" in by["gate_proj", 1].note
     assert by["down_proj", 1].source == "inductor"
     assert (by["k_proj", 1].source, by["k_proj", 1].note) == ("inductor", "no table entry")
-    assert result.decided == 2 + 4 and len(result.decisions) == 16
-    assert result.by_source() == {"inductor": 10, "table:nearest-m": 4, "table": 2}
+    assert result.decided == 2 + 2 and len(result.decisions) == 16
+    assert result.by_source() == {"inductor": 12, "table:nearest-m": 2, "table": 2}
 
     assert main(["coverage", config, "--table", table, "--threads", "2", "--m", "1", "4", "--ops", "int8", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["models"][0]["decided"] == 6 and doc["overall"]["share"] == round(6 / 16, 4)
+    assert doc["models"][0]["decided"] == 4 and doc["overall"]["share"] == round(4 / 16, 4)
     assert len(doc["decisions"]) == 16
     assert main(["coverage", config, "--table", table, "--threads", "2", "--m", "1", "--ops", "int8"]) == 0
-    assert "decided by the table (50.0%)" in capsys.readouterr().out
+    assert "decided by the table (25.0%)" in capsys.readouterr().out  # q_proj and o_proj
 
 
 def test_coverage_at_another_thread_count_is_all_inductor_with_the_reason(tmp_path, capsys):
@@ -167,15 +169,17 @@ def test_coverage_against_an_old_table_lists_each_change_and_writes_a_check_spec
     new_dir = tmp_path / "new"
     new_dir.mkdir()
     entries = [entry("int8", "bf16", 1, 256, 256, None, "cpp", weights="model"),                   # unchanged
-               entry("int8", "bf16", 8, 640, 256, None, "dq[fp32]", nearest_m_ok=True, weights="warm"),  # aten -> dq
-               entry("int8", "bf16", 8, 256, 640, None, "aten", nearest_m_ok=True, weights="warm")]  # cpp -> aten
+               entry("int8", "bf16", 2, 640, 256, None, "dq[fp32]", nearest_m_ok=True, weights="model"),  # aten -> dq
+               entry("int8", "bf16", 8, 640, 256, None, "dq[fp32]", nearest_m_ok=True, weights="warm"),
+               entry("int8", "bf16", 2, 256, 640, None, "aten", nearest_m_ok=True, weights="model"),  # cpp -> aten
+               entry("int8", "bf16", 8, 256, 640, None, "aten", nearest_m_ok=True, weights="warm")]
     (new_dir / "table.yaml").write_text(yaml.safe_dump(table_doc(entries, isa="avx512", threads=2)))
     spec = tmp_path / "check.yaml"
     assert main(["coverage", config, "--table", str(new_dir / "table.yaml"), "--against", old, "--threads", "2",
-                 "--m", "1", "8", "--ops", "int8", "--json", "--check-spec", str(spec), "--per-change", "1"]) == 0
+                 "--m", "4", "8", "--ops", "int8", "--json", "--check-spec", str(spec), "--per-change", "1"]) == 0
     doc = json.loads(capsys.readouterr().out)["changes"]
     kinds = doc["by_kind"]
-    # gate and up at M 1 and 8: ATen (nearest-M at 1) -> dq[fp32]; down at M=8: cpp -> ATen, at M=1: Inductor -> ATen
+    # gate and up at M 4 and 8: ATen (nearest-M at 4) -> dq[fp32]; down at M=8: cpp -> ATen, at M=4: Inductor -> ATen
     assert kinds["aten (table) -> dq[fp32] (table)"] == {"matmuls": 2, "problems": 1}
     assert kinds["aten (table:nearest-m) -> dq[fp32] (table:nearest-m)"] == {"matmuls": 2, "problems": 1}
     assert kinds["cpp (table) -> aten (table)"]["matmuls"] == 1
@@ -185,7 +189,7 @@ def test_coverage_against_an_old_table_lists_each_change_and_writes_a_check_spec
     # default), one problem per kind, each in the state its nearest-M entries were decided in.
     checked = parse_spec(yaml.safe_load(spec.read_text()))
     got = sorted((t.problem.m, t.problem.n, t.problem.k, t.problem.weights) for t in checked.tasks)
-    assert got == [(1, 640, 256, "model"), (8, 640, 256, "warm")]
+    assert got == [(4, 640, 256, "model"), (8, 640, 256, "warm")]
     assert {t.problem.threads for t in checked.tasks} == {2} and checked.isa == ["avx512"]
     assert main(["coverage", config, "--table", old, "--check-spec", str(spec)]) == 2
     assert "--check-spec needs --against" in capsys.readouterr().err

@@ -118,17 +118,23 @@ def _table(case: Case, path: str) -> str:
     import yaml
 
     import kernels
-    from kernels.provenance import template_hash, torch_version
+    from kernels.provenance import template_hash, threads_hash, torch_version
 
     m = {"exact": case.m, "nearest": case.other_m, "none": case.other_m}[case.table]
     n = case.n if case.table != "none" else case.n + 16  # another layer's N: nothing to say here
     entry = {
         "key": {"op": case.op, "dtype": case.dtype, "m": m, "n": n, "k": case.k, "group_size": case.group_size},
         "winner": case.winner, "speedup_vs_aten": 1.2, "nearest_m_ok": case.nearest_m_ok,
-        "provenance": {"torch": torch_version(), "template_hash": template_hash()},
+        "provenance": {"torch": torch_version(), "template_hash": template_hash(), "threads_hash": threads_hash()},
     }
+    entries = [entry]
+    # Nearest-M answers only between measured M buckets: a second bucket on the case's other side
+    # (none below M=1, where the case stays outside the measured range).
+    if case.table == "nearest" and (case.other_m < case.m or case.m > 1):
+        other = case.m * 2 if case.other_m < case.m else case.m // 2
+        entries.append({**entry, "key": {**entry["key"], "m": other}})
     doc = {"schema": "kernel-farm/table/1", "isa": kernels.host_isa(), "threads": torch.get_num_threads(),
-           "emulated": False, "torch": torch_version(), "template_hash": template_hash(), "entries": [entry]}
+           "emulated": False, "torch": torch_version(), "template_hash": template_hash(), "entries": entries}
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(doc, f)
     return path
