@@ -248,11 +248,12 @@ def register(sub) -> None:
     k.add_argument("--m", type=int, nargs="+", default=None, help="only these M buckets")
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_kernels)
-    from farm.bench import compile_time, decode, fidelity, fuzz, model as bench_model, roofline
+    from farm.bench import alloc, compile_time, decode, fidelity, fuzz, model as bench_model, roofline
 
     bench_model.register(bench_sub)
     roofline.register(bench_sub)
     decode.register(bench_sub)
     fuzz.register(bench_sub)
     compile_time.register(bench_sub)
+    alloc.register(bench_sub)
     fidelity.register(sub)  # a top-level command: `farm fidelity SPEC`
