@@ -94,6 +94,11 @@ class Table:
             out.setdefault(entry.key.family(), []).append(entry)
         return out
 
+    def largest_dq_win(self, op: str) -> int:
+        """The largest per-call dense weight of any `op` entry a dq candidate won (0: none)."""
+        return max((dense_temp_bytes(e.candidate, e.key.dtype, e.key.n, e.key.k) for e in self.entries.values()
+                    if e.key.op == op and e.candidate.kind == DEQUANT and not e.stale), default=0)
+
 
 def _need(mapping: dict, name: str, kind, where: str, optional: bool = False):
     if name not in mapping:
@@ -310,19 +315,14 @@ def _by_rule(table: Table, op: str, dtype: str, m: int | None, n: int, k: int, g
     candidate, path = predict(table.rule, features(op, dtype, m, n, k, group_size))
     if candidate is None:
         return None, "inductor", f"{why_not_entries}; the rule is unsure here ({path})"
-    temp, measured = dense_temp_bytes(candidate, dtype, n, k), largest_dq_win(table, op)
-    if temp > measured:
+    if candidate.kind == DEQUANT:
         # A tree answers the same beyond its largest training problem; dq's cost grows with its
         # per-call dense weight, so the rule may not send dq past the largest one seen to win.
-        return None, "inductor", (f"{why_not_entries}; the rule says {candidate.id} ({path}), whose {temp >> 20} MiB "
-                                  f"dense weight per call exceeds the largest {op} dq winner measured ({measured >> 20} MiB)")
+        temp, measured = dense_temp_bytes(candidate, dtype, n, k), table.largest_dq_win(op)
+        if temp > measured:
+            return None, "inductor", (f"{why_not_entries}; the rule says {candidate.id} ({path}), whose {temp >> 20} MiB "
+                                      f"dense weight per call exceeds the largest {op} dq winner measured ({measured >> 20} MiB)")
     return candidate, "table:rule", path
-
-
-def largest_dq_win(table: Table, op: str) -> int:
-    """The largest per-call dense weight of any `op` entry a dq candidate won (0: none)."""
-    return max((dense_temp_bytes(e.candidate, e.key.dtype, e.key.n, e.key.k) for e in table.entries.values()
-                if e.key.op == op and e.candidate.kind == DEQUANT and not e.stale), default=0)
 
 
 # --- table sets: one table per thread count, and thread transfer -----------------------------

@@ -57,6 +57,7 @@ def child(op: str, m: int, n: int, k: int, group: int | None, candidate: str, th
     from kernels.candidates import parse
     from farm.measure.compiled import compile_candidate
     from farm.measure.problem import Problem, make_operands
+    from farm.measure.timing import _time_warm
 
     torch.set_num_threads(threads)
     problem = Problem(op, "bf16", m, n, k, group, threads=threads)
@@ -68,17 +69,12 @@ def child(op: str, m: int, n: int, k: int, group: int | None, candidate: str, th
         while calls < 3 or time.perf_counter() - start < min_sample_s:  # warm-up, and calls per sample
             fn(x)
             calls += 1
-        per_sample = max(1, calls)
-        times = []
         faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            for _ in range(per_sample):
-                fn(x)
-            times.append((time.perf_counter() - t0) / per_sample * 1e6)
+        # The farm's warm timing: an untimed call, then `calls` timed ones, per sample.
+        times = [_time_warm(fn, x, calls) * 1e6 for _ in range(samples)]
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    return {"median_us": stats.median(times), "faults_per_call": faults / (samples * per_sample),
-            "calls_per_sample": per_sample, "kernel": compiled.kernel}
+    return {"median_us": stats.median(times), "faults_per_call": faults / (samples * (calls + 1)),
+            "calls_per_sample": calls, "kernel": compiled.kernel}
 
 
 def _run_child(setting: str, args: dict) -> dict:
