@@ -23,13 +23,15 @@ def record_table(record: dict) -> Table:
              f"{p['weights']} weights on {host.get('isa')}{emulated}")
     table = Table(title=title, title_justify="left")
     for name, justify in (("candidate", "left"), ("status", "left"), ("median us", "right"), ("95% CI us", "right"),
-                          ("speedup vs aten", "right"), ("95% CI", "right"), ("compile s", "right"), ("note", "left")):
+                          ("speedup vs aten", "right"), ("95% CI", "right"), ("compile s", "right"),
+                          ("faults/call", "right"), ("note", "left")):
         table.add_column(name, justify=justify)
     for c in record["candidates"]:
         mark = " *" if c["id"] == record["winner"] else ""
         note = escape((c.get("error") or "")[:90])
         table.add_row(escape(c["id"] + mark), c["status"], _fmt(c["median_us"]), _interval(c["ci95_us"]),
-                      _fmt(c["speedup_vs_aten"], ".3f"), _interval(c["speedup_ci95"], ".3f"), _fmt(c["compile_s"], ".2f"), note)
+                      _fmt(c["speedup_vs_aten"], ".3f"), _interval(c["speedup_ci95"], ".3f"), _fmt(c["compile_s"], ".2f"),
+                      _fmt(c.get("faults_per_call"), ".0f"), note)
     noise = record["noise"]
     table.caption = (f"winner: {escape(str(record['winner']))} ({escape(record['winner_rule'])}); A/A noise band ±{noise['band']:.3f}; "
                      f"{record['protocol']['rounds']} rounds; worker wall {record['worker']['wall_s']:.1f} s")

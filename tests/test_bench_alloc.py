@@ -36,3 +36,21 @@ def test_a_dense_temporary_over_the_mmap_limit_faults_per_call_under_glibc_only(
     assert retained["faults_per_call"] < 0.1 * pages, retained  # what else a call allocates may fault now and then
     assert glibc["kernel"]["code_sha"] == retained["kernel"]["code_sha"]  # the same kernel, from the shared cache
     assert os.listdir(args["cache_dir"])
+
+
+def test_the_timing_loop_counts_each_candidates_page_faults_per_timed_call(quick_protocol):
+    # What the farm's records carry as faults_per_call: one callable maps a 36 MiB buffer anew in
+    # every call (above glibc's 32 MiB mmap ceiling, as dq's dense weight), the other allocates
+    # nothing; the untimed warm-up call of each batch is not counted.
+    import torch
+
+    from farm.measure.timing import run_rounds
+
+    nbytes = 36 << 20
+    out = torch.zeros(4)
+    fns = {"aten": lambda x: torch.add(x, 1, out=out), "alloc": lambda x: torch.ones(nbytes // 4)}
+    samples, iters, faults = run_rounds(fns, torch.zeros(4), quick_protocol, lambda **_: None)
+    pages = nbytes // os.sysconf("SC_PAGE_SIZE")
+    assert set(faults) == {"aten", "alloc"} and len(samples["alloc"]) >= quick_protocol.min_rounds
+    assert faults["alloc"] >= 0.9 * pages, faults
+    assert faults["aten"] < 1, faults

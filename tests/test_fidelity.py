@@ -23,6 +23,9 @@ def test_each_weight_state_is_enforced_and_recorded(weights, quick_protocol):
     assert record["problem"]["weights"] == weights
     assert all(c["status"] in ("ok", "unsupported") for c in record["candidates"])
     assert {c["id"] for c in record["candidates"] if c["status"] == "ok"} >= {"aten", "cpp"}
+    for c in record["candidates"]:  # the timed calls' page faults, per process and their median
+        if c["status"] == "ok":
+            assert [p["faults_per_call"] >= 0 for p in c["per_process"]] == [True] and c["faults_per_call"] >= 0
 
 
 # --- fast tier: pure functions over hand-made samples and records ---------------------------

@@ -49,7 +49,6 @@ def parse_shape(text: str) -> tuple[str, int, int, int]:
 def child(op: str, m: int, n: int, k: int, group: int | None, candidate: str, threads: int, cache_dir: str,
           samples: int, min_sample_s: float) -> dict:
     """In a fresh process: compile (a cache hit after the first process), then time."""
-    import resource
     import time
 
     import torch
@@ -69,11 +68,11 @@ def child(op: str, m: int, n: int, k: int, group: int | None, candidate: str, th
         while calls < 3 or time.perf_counter() - start < min_sample_s:  # warm-up, and calls per sample
             fn(x)
             calls += 1
-        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         # The farm's warm timing: an untimed call, then `calls` timed ones, per sample.
-        times = [_time_warm(fn, x, calls) * 1e6 for _ in range(samples)]
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
-    return {"median_us": stats.median(times), "faults_per_call": faults / (samples * (calls + 1)),
+        batches = [_time_warm(fn, x, calls) for _ in range(samples)]
+    times = [seconds * 1e6 for seconds, _ in batches]
+    faults = sum(batch_faults for _, batch_faults in batches)
+    return {"median_us": stats.median(times), "faults_per_call": faults / (samples * calls),
             "calls_per_sample": calls, "kernel": compiled.kernel}
 
 

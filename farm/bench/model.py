@@ -234,7 +234,7 @@ def bench_variants(call, model: torch.nn.Module, x: torch.Tensor, table: str | N
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_cache
         before = graphs_compiled()
         with torch.no_grad():
-            samples, _ = run_rounds(fns, x, protocol, lambda **_: None)
+            samples, _, _ = run_rounds(fns, x, protocol, lambda **_: None)
         if graphs_compiled() != before:
             raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
     base = samples["default"]

@@ -102,7 +102,7 @@ def time_interleaved(fns: dict, problem: Problem, operands: Operands, protocol: 
     flush = make_flush(profile().l3_bytes) if problem.flushed else None
     before = graphs_compiled()
     with torch.no_grad():
-        samples, _ = run_rounds(fns, operands.x, protocol, _noop, flush, stack_size(problem))
+        samples, _, _ = run_rounds(fns, operands.x, protocol, _noop, flush, stack_size(problem))
     if graphs_compiled() != before:
         raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
     return samples

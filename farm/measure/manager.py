@@ -38,6 +38,7 @@ class Attempt:
     compiled: dict[str, dict] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=dict)
     iters: dict[str, int] = field(default_factory=dict)
+    page_faults: dict[str, float] = field(default_factory=dict)  # minor page faults per timed call
     timing_s: float = 0.0
     outcome: str = "done"  # done | crash | timeout
     culprit: str | None = None
@@ -175,6 +176,7 @@ def _apply_event(attempt: Attempt, event: dict, current: str | None) -> str | No
         raise RuntimeError(f"the measurement worker failed (a farm bug, not a candidate's):\n{event['error']}")
     elif kind == "timed":
         attempt.samples, attempt.iters, attempt.timing_s = event["samples"], event["iters"], event["timing_s"]
+        attempt.page_faults = event.get("page_faults", {})
         return None
     return current
 
@@ -211,6 +213,7 @@ class ProcessRun:
     attempts: int
     compile_s: float
     host: dict | None
+    page_faults: dict[str, float] = field(default_factory=dict)  # minor page faults per timed call
 
 
 def _job(problem: Problem, protocol: Protocol, isa: str | None, owed: list[str], cache_root: str,
@@ -261,7 +264,7 @@ def _run_process(index: int, owed: list[str], final: dict[str, dict], problem: P
     compile_s = sum((r.get("compile_s") or 0.0) for a in attempts for r in a.compiled.values())
     host = next((a.host for a in reversed(attempts) if a.host), None)
     return ProcessRun(last.samples, last.iters, last.timing_s, sum(a.wall_s for a in attempts), len(attempts),
-                      compile_s, host)
+                      compile_s, host, last.page_faults)
 
 
 def _control_off(runs: list[ProcessRun], tolerance: float) -> bool:
@@ -309,4 +312,4 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
               "per_process": [{"wall_s": r.wall_s, "timing_s": r.timing_s, "compile_s": r.compile_s,
                                "attempts": r.attempts} for r in runs]}
     return build_record(host, problem, ids, final, [r.samples for r in runs], runs[-1].iters if runs else {},
-                        protocol, worker)
+                        protocol, worker, [r.page_faults for r in runs])

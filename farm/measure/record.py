@@ -4,7 +4,9 @@ Record format history (RECORD_SCHEMA_VERSION):
   1  first version: host, problem, candidates with statistics, winner, noise, protocol.
      Optional additions, readable by every reader of version 1 (issue 11): protocol.weight_state,
      processes (per worker process: rounds, A/A control, band), candidates[].per_process,
-     unreliable and unreliable_reason (the A/A gate). A record without them is one process.
+     unreliable and unreliable_reason (the A/A gate), candidates[].faults_per_call and
+     candidates[].per_process[].faults_per_call (minor page faults per timed kernel call; records
+     before 2026-11-28 lack them). A record without per_process is one process.
      Pooling (the nightly's races) reads a stored record's processes back (process_samples) and
      pools only records that poolable() accepts; the records stay as measured, never rewritten.
 """
@@ -56,6 +58,7 @@ RECORD_SCHEMA = {
                                "speedup_vs_aten": _number_or_null, "speedup_ci95": _interval,
                                "compile_s": _number_or_null, "error": {"type": ["string", "null"]},
                                "samples_us": {"type": "array", "items": {"type": "number"}},
+                               "faults_per_call": _number_or_null,
                                "per_process": {"type": "array", "items": {
                                    "type": "object", "required": ["process", "speedup", "speedup_ci95"]}}},
             },
@@ -85,12 +88,14 @@ def _speedups(process: Samples, cid: str) -> list[float]:
     return stats.paired_speedups(process[ATEN], process[cid]) if ATEN in process else []
 
 
-def _process_figures(index: int, process: Samples, cid: str, resamples: int) -> dict:
+def _process_figures(index: int, process: Samples, cid: str, resamples: int,
+                     page_faults: dict[str, float] | None = None) -> dict:
     """One process's figures for one candidate (kept in the record: repeats are evidence)."""
     speedups = _speedups(process, cid)
     return {"process": index, "rounds": len(process[cid]), "median_us": stats.median(process[cid]) * 1e6,
             "speedup": stats.median(speedups) if speedups else None,
-            "speedup_ci95": list(stats.bootstrap_ci(speedups, resamples)) if speedups else None}
+            "speedup_ci95": list(stats.bootstrap_ci(speedups, resamples)) if speedups else None,
+            "faults_per_call": (page_faults or {}).get(cid)}
 
 
 def weight_state(problem: Problem) -> dict:
@@ -98,7 +103,8 @@ def weight_state(problem: Problem) -> dict:
     return {"mode": problem.weights, "how": WEIGHT_STATES[problem.weights], "stack": stack_size(problem)}
 
 
-def _candidate_entry(cid: str, result: dict, processes: list[Samples], iters: dict, resamples: int) -> dict:
+def _candidate_entry(cid: str, result: dict, processes: list[Samples], iters: dict, resamples: int,
+                     page_faults: list[dict[str, float]]) -> dict:
     entry = {"id": cid, "status": result.get("status", "crash"), "median_us": None, "ci95_us": None,
              "speedup_vs_aten": None, "speedup_ci95": None, "compile_s": result.get("compile_s"),
              "error": result.get("error"), "samples_us": [], "iters_per_sample": iters.get(cid),
@@ -115,7 +121,13 @@ def _candidate_entry(cid: str, result: dict, processes: list[Samples], iters: di
     if speedups:
         entry.update(speedup_vs_aten=stats.median(speedups),
                      speedup_ci95=list(stats.bootstrap_ci(speedups, resamples)))
-    entry["per_process"] = [_process_figures(i, p, cid, resamples) for i, p in timed]
+    entry["per_process"] = [_process_figures(i, p, cid, resamples, page_faults[i] if i < len(page_faults) else {})
+                            for i, p in timed]
+    # Minor page faults per timed call, the median over processes (None where not counted):
+    # how much of the call is the kernel mapping memory anew (a dq dense temporary above glibc's
+    # mmap threshold pays one fault per 4 KiB page in every call).
+    counted = [f["faults_per_call"] for f in entry["per_process"] if f["faults_per_call"] is not None]
+    entry["faults_per_call"] = stats.median(counted) if counted else None
     return entry
 
 
@@ -216,11 +228,13 @@ def _process_noise(processes: list[Samples], resamples: int) -> list[dict]:
 
 
 def build_record(host: dict | None, problem: Problem, ids: list[str], final: dict[str, dict],
-                 samples: Samples | list[Samples], iters: dict[str, int], protocol: Protocol, worker: dict) -> dict:
-    """The record of one problem; `samples` is one process's samples or a list, one per process."""
+                 samples: Samples | list[Samples], iters: dict[str, int], protocol: Protocol, worker: dict,
+                 page_faults: list[dict[str, float]] | None = None) -> dict:
+    """The record of one problem; `samples` is one process's samples or a list, one per process;
+    `page_faults`, per process, each candidate's minor page faults per timed call."""
     processes = samples if isinstance(samples, list) else [samples]
     entries = [_candidate_entry(cid, final.get(cid, {"status": "crash", "error": "no result"}), processes, iters,
-                                protocol.bootstrap_resamples) for cid in ids]
+                                protocol.bootstrap_resamples, page_faults or []) for cid in ids]
     for entry in entries:
         entry["temp_bytes"] = _temp_bytes(entry["id"], problem)
     control = next((e for e in entries if e["id"] == AA_CONTROL and e["speedup_ci95"]), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import resource
 import time
 from typing import Callable
 
@@ -25,24 +26,35 @@ WEIGHT_STATES = {
 }
 
 
-def _time_warm(fn: Callable, x, iters: int) -> float:
+def minor_faults() -> int:
+    """This process's minor page faults so far, all threads: one per 4 KiB page that is mapped
+    anew, e.g. a dense temporary glibc serves with a fresh mmap in every call (farm bench alloc)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _time_warm(fn: Callable, x, iters: int) -> tuple[float, int]:
+    """Seconds per call of a warm batch, and the page faults of its timed calls."""
     # The untimed call makes "warm" true whatever the call's length: without it, a call longer
     # than a batch would follow another candidate's call over other weights (DESIGN, fidelity).
     fn(x)
+    faults = minor_faults()
     start = time.perf_counter_ns()
     for _ in range(iters):
         fn(x)
-    return (time.perf_counter_ns() - start) / iters / 1e9
+    elapsed = time.perf_counter_ns() - start
+    return elapsed / iters / 1e9, minor_faults() - faults
 
 
-def _time_cold(fn: Callable, x, iters: int, flush: Callable[[], None]) -> float:
-    total = 0
+def _time_cold(fn: Callable, x, iters: int, flush: Callable[[], None]) -> tuple[float, int]:
+    total, faults = 0, 0
     for _ in range(iters):
         flush()  # evicts the weights from every cache level; not timed
+        before = minor_faults()
         start = time.perf_counter_ns()
         fn(x)
         total += time.perf_counter_ns() - start
-    return total / iters / 1e9
+        faults += minor_faults() - before
+    return total / iters / 1e9, faults
 
 
 def make_flush(llc_bytes: int) -> Callable[[], None]:
@@ -62,7 +74,7 @@ def calibrate(fn: Callable, x, protocol: Protocol) -> int:
     while time.perf_counter() < deadline or calls < 2:
         fn(x)
         calls += 1
-    per_call = _time_warm(fn, x, 1)
+    per_call, _ = _time_warm(fn, x, 1)
     return max(1, min(protocol.max_iters, round(protocol.batch_s / max(per_call, 1e-9))))
 
 
@@ -98,15 +110,17 @@ def aa_off(samples: dict[str, list[float]], tolerance: float) -> bool:
 
 def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
                flush: Callable[[], None] | None = None,
-               stack: int = 1) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Per-call seconds for each candidate, one sample per round; the same rounds for all.
+               stack: int = 1) -> tuple[dict[str, list[float]], dict[str, int], dict[str, float]]:
+    """Per-call seconds for each candidate, one sample per round; the same rounds for all; and
+    each candidate's minor page faults per timed kernel call over all its rounds.
     No flush: warm; a flush: cold; a flush and modules of `stack` kernel calls each: model."""
     if not fns:
-        return {}, {}
+        return {}, {}, {}
     iters = {cid: calibrate(fn, x, protocol) for cid, fn in fns.items()}
     if flush is not None:
         iters = {cid: protocol.cold_iters for cid in fns}
     samples: dict[str, list[float]] = {cid: [] for cid in fns}
+    faults = {cid: 0 for cid in fns}
     rng = random.Random(protocol.seed)
     target, rounds = protocol.min_rounds, 0
     while True:
@@ -115,13 +129,16 @@ def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
         for cid in order:
             emit(ev="run", cand=cid)  # lets the manager name the culprit of a crash or hang
             if flush is None:
-                samples[cid].append(_time_warm(fns[cid], x, iters[cid]) / stack)
+                seconds, batch_faults = _time_warm(fns[cid], x, iters[cid])
             else:
-                samples[cid].append(_time_cold(fns[cid], x, iters[cid], flush) / stack)
+                seconds, batch_faults = _time_cold(fns[cid], x, iters[cid], flush)
+            samples[cid].append(seconds / stack)
+            faults[cid] += batch_faults
         rounds += 1
         emit(ev="round", r=rounds, times={cid: samples[cid][-1] for cid in order})
         if rounds >= target:
             # More rounds while the top two overlap or the A/A control is off (the gate's first step).
             if rounds >= protocol.max_rounds or (decided(samples) and not aa_off(samples, protocol.aa_tolerance)):
-                return samples, iters
+                per_call = {cid: faults[cid] / (rounds * iters[cid] * stack) for cid in fns}
+                return samples, iters, per_call
             target = min(rounds + protocol.extra_rounds_step, protocol.max_rounds)

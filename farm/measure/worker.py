@@ -102,10 +102,10 @@ def run(job: dict, emit) -> None:
     flush = make_flush(host.l3_bytes) if problem.flushed else None
     start, graphs_before = time.perf_counter(), graphs_compiled()
     with torch.no_grad():
-        samples, iters = run_rounds(fns, operands.x, protocol, emit, flush, stack_size(problem))
+        samples, iters, page_faults = run_rounds(fns, operands.x, protocol, emit, flush, stack_size(problem))
     if graphs_compiled() != graphs_before:
         raise RuntimeError("a graph was compiled while timing: some callable did not run its own kernel")
-    emit(ev="timed", samples=samples, iters=iters, timing_s=time.perf_counter() - start)
+    emit(ev="timed", samples=samples, iters=iters, page_faults=page_faults, timing_s=time.perf_counter() - start)
 
 
 def _unnice() -> None:
