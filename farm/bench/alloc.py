@@ -134,23 +134,14 @@ def render(report: dict, console) -> None:
 
 
 def cmd_alloc(args) -> int:
-    from rich.console import Console
+    from farm.measure.manager import check_candidate_ids
+    from farm.render import emit
 
     shapes = [parse_shape(s) for s in args.shapes]
-    from kernels.candidates import CandidateError, parse
-
-    for cid in args.candidates:
-        try:
-            parse(cid)
-        except CandidateError as exc:
-            raise UserError(f"--candidates: {exc}") from None
+    check_candidate_ids(args.candidates, "--candidates")
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
-    report = bench_alloc(shapes, args.candidates, args.threads, args.rounds)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        render(report, Console(width=200))
+    emit(bench_alloc(shapes, args.candidates, args.threads, args.rounds), args.json, render)
     return 0
 
 

@@ -46,14 +46,19 @@ class Attempt:
     wall_s: float = 0.0
 
 
-def candidate_ids(problem: Problem, grid: str = "pruned", only: list[str] | None = None,
-                  extra: list[str] | None = None) -> list[str]:
-    """The grid's ids, or ATen + its control + `only`; then any `extra` not already there."""
-    for cid in [*(only or []), *(extra or [])]:
+def check_candidate_ids(ids: list[str], where: str = "candidates") -> None:
+    """A UserError naming `where` and the first id that is not a candidate, before any work."""
+    for cid in ids:
         try:
             parse(cid)
         except CandidateError as exc:
-            raise UserError(f"candidates: {exc}") from None
+            raise UserError(f"{where}: {exc}") from None
+
+
+def candidate_ids(problem: Problem, grid: str = "pruned", only: list[str] | None = None,
+                  extra: list[str] | None = None) -> list[str]:
+    """The grid's ids, or ATen + its control + `only`; then any `extra` not already there."""
+    check_candidate_ids([*(only or []), *(extra or [])])
     ids = [c.id for c in space(problem.threads, grid, problem.op)]
     if only:
         ids = [ATEN, AA_CONTROL] + [c for c in only if c not in (ATEN, AA_CONTROL)]
