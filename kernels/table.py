@@ -79,6 +79,7 @@ class Table:
     entries: dict[EntryKey, Entry]
     rule: Rule | None = None  # for shapes without an entry (kernels/rule.py)
     transfer: dict[int, Transfer] = field(default_factory=dict)  # by from_threads
+    _families: dict[tuple, list[Entry]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def isa(self) -> str:
@@ -89,10 +90,13 @@ class Table:
         return self.header["threads"]
 
     def families(self) -> dict[tuple, list[Entry]]:
-        out: dict[tuple, list[Entry]] = {}
-        for entry in self.entries.values():
-            out.setdefault(entry.key.family(), []).append(entry)
-        return out
+        """Entries by (op, dtype, n, k, group). Built on first use and kept: a loaded table is
+        never changed, and every lookup that misses its exact key asks for this."""
+        if self._families is None:
+            self._families = {}
+            for entry in self.entries.values():
+                self._families.setdefault(entry.key.family(), []).append(entry)
+        return self._families
 
     def largest_dq_win(self, op: str) -> int:
         """The largest per-call dense weight of any `op` entry a dq candidate won (0: none)."""
@@ -408,11 +412,23 @@ def set_problems(tables: TableSet, isa: str, threads: int, torch_version: str, t
 
 def lookup_set(tables: TableSet, threads: int, op: str, dtype: str, m: int | None, n: int, k: int,
                group_size: int | None) -> tuple[Candidate | None, str, str]:
-    """The table of this thread count answers as lookup() does; without one, thread transfer."""
+    """The table of this thread count answers as lookup() does; without one, thread transfer.
+    Where this count's table has nothing to say about the shape (no entry of it at any M and no
+    rule for the op: a sparse table), the other counts may lend their agreed choice on the same
+    terms as to an unmeasured count, the gate being the measured transfer regret between the
+    counts. Entries of the shape or an unsure rule at this count are evidence, so they stand."""
     own = tables.tables.get(threads)
-    if own is not None:
-        return lookup(own, op, dtype, m, n, k, group_size)
     closed = tables.transfer_closed()
+    if own is not None:
+        choice, source, note = lookup(own, op, dtype, m, n, k, group_size)
+        others = [t for t in tables.tables.values() if t.threads != threads]
+        silent = not own.families().get((op, dtype, n, k, group_size)) and not (own.rule and own.rule.covers(op, dtype))
+        if choice is not None or not silent or closed or not others:
+            return choice, source, note
+        lent, lent_source, lent_note = transfer(others, op, dtype, m, n, k, group_size)
+        if lent is None:
+            return choice, source, note
+        return lent, lent_source, f"the {threads}-thread table decides nothing here ({note}); {lent_note}"
     if closed:
         return None, "inductor", f"no table for {threads} threads; {closed}"
     return transfer(list(tables.tables.values()), op, dtype, m, n, k, group_size)

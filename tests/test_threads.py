@@ -103,12 +103,21 @@ def test_transfer_answers_only_with_agreed_thread_independent_choices(tmp_path):
     assert lookup_set(tables, 3, "int8", "bf16", None, 256, 256, None)[:2] == (None, "inductor")  # static blocking
 
 
-def test_a_measured_thread_count_uses_its_own_table_as_before(tmp_path):
+def test_a_measured_thread_count_uses_its_own_table_and_borrows_only_for_shapes_it_never_saw(tmp_path):
     tables = load_set(_dir(tmp_path, _pair()), ISA)
     assert _ask(tables, 2, 64, 256, 512)[:2] == ("cpp[tf=2,1,1]", "table")
     assert _ask(tables, 1, 32, 512, 256)[:2] == ("cpp", "table")
-    assert _ask(tables, 2, 32, 128, 256)[:2] == (None, "inductor")  # the 1-thread entry is not borrowed
-    assert _ask(tables, 2, 32, 2048, 256)[:2] == (None, "inductor")  # nearest not safe at 2 threads
+    assert _ask(tables, 2, 32, 2048, 256)[:2] == (None, "inductor")  # nearest not safe at 2 threads: kept
+    # No 2-thread entry of 128x256 at any M and no rule: the 1-thread entry is lent, gate open.
+    choice, source, note = _ask(tables, 2, 32, 128, 256)
+    assert (choice, source) == ("aten", "table:transfer") and "the 2-thread table decides nothing here" in note
+    assert _ask(tables, 2, 32, 256, 512)[:2] == (None, "inductor")  # a 2-thread entry of the shape (M=64) stands
+    # A rule at 2 threads covering the op is evidence: unsure there means Inductor, nothing lent.
+    unsure = _pair(t2=table_doc(T2, isa=ISA, threads=2, transfer=[_transfer(1)], rule=_rule(None)))
+    assert _ask(load_set(_dir(tmp_path, unsure, "unsure"), ISA), 2, 32, 128, 256)[:2] == (None, "inductor")
+    # The measured regret between the counts beyond noise closes lending as it closes transfer.
+    closed = _pair(transfer=[_transfer(1, regret_worst=0.08)])
+    assert _ask(load_set(_dir(tmp_path, closed, "closed"), ISA), 2, 32, 128, 256)[:2] == (None, "inductor")
 
 
 def _rule(leaf):
