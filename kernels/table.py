@@ -418,17 +418,17 @@ def lookup_set(tables: TableSet, threads: int, op: str, dtype: str, m: int | Non
     terms as to an unmeasured count, the gate being the measured transfer regret between the
     counts. Entries of the shape or an unsure rule at this count are evidence, so they stand."""
     own = tables.tables.get(threads)
-    closed = tables.transfer_closed()
     if own is not None:
         choice, source, note = lookup(own, op, dtype, m, n, k, group_size)
         others = [t for t in tables.tables.values() if t.threads != threads]
         silent = not own.families().get((op, dtype, n, k, group_size)) and not (own.rule and own.rule.covers(op, dtype))
-        if choice is not None or not silent or closed or not others:
+        if choice is not None or not silent or not others or tables.transfer_closed():
             return choice, source, note
         lent, lent_source, lent_note = transfer(others, op, dtype, m, n, k, group_size)
         if lent is None:
             return choice, source, note
         return lent, lent_source, f"the {threads}-thread table decides nothing here ({note}); {lent_note}"
+    closed = tables.transfer_closed()
     if closed:
         return None, "inductor", f"no table for {threads} threads; {closed}"
     return transfer(list(tables.tables.values()), op, dtype, m, n, k, group_size)
