@@ -1,7 +1,7 @@
 """kernel-farm's compile-time side: tuned lowerings for Inductor's weight-only-quantized matmuls.
 
     import kernels
-    kernels.install()                 # the shipped tables of this host's ISA class, one per thread count
+    kernels.install()                 # the shipped tables of this host's ISA class and CPU vendor, one per thread count
     model = torch.compile(model)      # table winners, no benchmarking at compile time
 
 Environment: KERNEL_FARM_TABLE=/path/to/table.yaml uses that one table (at its own thread
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 ENV_VAR = "KERNEL_FARM_TABLE"
 TABLES_DIR = os.path.join(os.path.dirname(__file__), "tables")
 
-__all__ = ["install", "uninstall", "installed", "isa_class", "host_isa", "InstallResult", "KernelFarmWarning", "ENV_VAR", "shipped_table"]
+__all__ = ["install", "uninstall", "installed", "isa_class", "host_isa", "vendor_of", "host_vendor", "InstallResult",
+           "KernelFarmWarning", "ENV_VAR", "shipped_table"]
 
 
 class KernelFarmWarning(UserWarning):
@@ -77,12 +78,39 @@ def host_isa() -> str:
     return isa_class(str(pick_vec_isa() or ""), torch.cpu.get_capabilities())
 
 
-def shipped_table(isa: str | None = None, threads: int | None = None) -> str:
-    """The shipped table file of this ISA class and thread count (default: this process's) if
-    there is one, else the shipped tables' directory (install() then transfers between counts)."""
+def vendor_of(text: str | None) -> str:
+    """The vendor (kernels.table.VENDORS) named by a CPUID vendor string (GenuineIntel,
+    AuthenticAMD) or a CPU model name ("Intel(R) Xeon(R) ...", "AMD EPYC ...")."""
+    name = (text or "").lower()
+    if "intel" in name:
+        return "intel"
+    if "authenticamd" in name or "amd" in name.replace("(", " ").split():
+        return "amd"
+    return "other"
+
+
+def host_vendor() -> str:
+    """This host's CPU vendor (intel, amd, other): /proc/cpuinfo's vendor_id, else the platform's name."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return vendor_of(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return vendor_of(platform.processor())
+
+
+def shipped_table(isa: str | None = None, threads: int | None = None, vendor: str | None = None) -> str:
+    """The shipped table file of this ISA class, vendor and thread count (default: this host's and
+    process's) if there is one, else the shipped tables' directory (install() then transfers
+    between counts, or refuses with the reason)."""
     import torch
 
-    path = os.path.join(TABLES_DIR, f"{isa or host_isa()}-t{threads or torch.get_num_threads()}.yaml")
+    name = f"{isa or host_isa()}-{vendor or host_vendor()}-t{threads or torch.get_num_threads()}.yaml"
+    path = os.path.join(TABLES_DIR, name)
     return path if os.path.exists(path) else TABLES_DIR
 
 
@@ -118,7 +146,7 @@ def install(path: str | None = None, *, strict: bool = False) -> InstallResult:
     """Use a table for the quantized matmuls of every later torch.compile in this process.
 
     path None: $KERNEL_FARM_TABLE, else the shipped tables' directory. A directory loads every
-    table of this host's ISA class in it (one per thread count; a count without a table borrows
+    table of this host's ISA class and CPU vendor in it (one per thread count; a count without a table borrows
     thread-independent choices where the measured counts agree); a file is one table, used at
     its own thread count only.
     Never raises for a bad table unless strict=True: it warns once and leaves Inductor alone.
@@ -135,9 +163,10 @@ def install(path: str | None = None, *, strict: bool = False) -> InstallResult:
         return InstallResult(False, None, f"{ENV_VAR}=off")
     path = path or env or TABLES_DIR
     current_torch, current_hash, threads, isa = torch_version(), template_hash(), torch.get_num_threads(), host_isa()
+    vendor = host_vendor()
     try:
-        tables = load_set(path, isa, current_torch, current_hash)
-        problems = set_problems(tables, isa, threads, current_torch, current_hash)
+        tables = load_set(path, isa, current_torch, current_hash, vendor)
+        problems = set_problems(tables, isa, threads, current_torch, current_hash, vendor)
         if problems:
             raise TableError("; ".join(problems))
     except TableError as exc:

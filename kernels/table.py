@@ -3,9 +3,11 @@
 A table is data: loaded with yaml.safe_load, validated field by field, every knob bounded
 before it can reach generated C++. Format history (TABLE_SCHEMA):
   kernel-farm/table/1  first version (see README "Table format"); the optional `transfer`
-                       field (measured regret between thread counts) came later, in place.
+                       field (measured regret between thread counts) came later, in place, and
+                       so did the optional `vendor` (the CPU vendor of the hosts measured; a
+                       table without one, written before, answers on any vendor's hosts).
 
-A table set is the tables of one ISA class in a directory, one per thread count: a process
+A table set is the tables of one ISA class and vendor in a directory, one per thread count: a process
 whose thread count has a table uses it; otherwise choices whose meaning does not depend on the
 thread count transfer from the measured counts where they agree (lookup_set).
 """
@@ -26,6 +28,10 @@ MAX_TABLE_BYTES = 8 << 20
 OPS = ("int8", "int4")
 DTYPES = ("bf16", "fp16", "fp32")
 ISAS = ("amx", "avx512", "avx2", "default")
+# CPU vendors (kernels.vendor_of). One ISA class, two vendors, opposite answers: on the farm's
+# AVX512 hosts the template ran int8 M=128 at about 1.1x of ATen on an Intel Xeon and 0.6x on
+# an AMD EPYC (docs/RESULTS.md), so a table with a `vendor` answers on that vendor's hosts only.
+VENDORS = ("intel", "amd", "other")
 # The regret a borrowed decision may cost against the measured winner: about the A/A noise
 # measured on the farm's hosts (2-5%). Nearest-M (farm/tables/aggregate.py) and thread
 # transfer use the same threshold.
@@ -89,6 +95,14 @@ class Table:
     def threads(self) -> int:
         return self.header["threads"]
 
+    @property
+    def vendor(self) -> str | None:
+        """The CPU vendor of the hosts measured (None: a table from before vendors, any host)."""
+        return self.header.get("vendor")
+
+    def serves(self, isa: str, vendor: str | None) -> bool:
+        return self.isa == isa and (self.vendor is None or vendor is None or self.vendor == vendor)
+
     def families(self) -> dict[tuple, list[Entry]]:
         """Entries by (op, dtype, n, k, group). Built on first use and kept: a loaded table is
         never changed, and every lookup that misses its exact key asks for this."""
@@ -138,6 +152,9 @@ def _parse_header(doc: dict, where: str) -> dict:
     _need(doc, "torch", str, where)
     _need(doc, "template_hash", str, where)
     _need(doc, "emulated", bool, where)
+    vendor = _need(doc, "vendor", str, where, optional=True)
+    if vendor is not None and vendor not in VENDORS:
+        raise TableError(f"{where}.vendor: unknown CPU vendor {vendor!r} (expected one of {', '.join(VENDORS)})")
     _need(doc, "entries", list, where)
     return {k: v for k, v in doc.items() if k not in ("entries", "rule", "transfer")}
 
@@ -255,11 +272,16 @@ def dump(doc: dict, path: str) -> None:
     load(path)
 
 
-def incompatibilities(table: Table, isa: str, threads: int | None, torch_version: str, template_hash: str) -> list[str]:
-    """Why this table must not be used by this process (empty: it may); threads None: any count."""
+def incompatibilities(table: Table, isa: str, threads: int | None, torch_version: str, template_hash: str,
+                      vendor: str | None = None) -> list[str]:
+    """Why this table must not be used by this process (empty: it may); threads None: any
+    count, vendor None: any vendor."""
     problems = []
     if table.isa != isa:
         problems.append(f"it is for ISA class {table.isa}, this host is {isa}")
+    elif not table.serves(isa, vendor):
+        problems.append(f"it was measured on {table.vendor} {isa} hosts, this host is {vendor}: "
+                        "hosts of one class and another vendor have picked opposite winners")
     if threads is not None and table.threads != threads:
         problems.append(f"it is for {table.threads} threads, this process runs {threads}")
     if not same_release(table.header["torch"], torch_version):  # the build tag (+cpu, +cu130) does not matter
@@ -371,9 +393,11 @@ class TableSet:
         return None
 
 
-def load_set(path: str, isa: str, torch_version: str | None = None, template_hash: str | None = None) -> TableSet:
-    """A table file: that one table. A directory: every table of ISA class `isa` in it (every
-    *.yaml must be a valid table; two for one thread count are an error naming both)."""
+def load_set(path: str, isa: str, torch_version: str | None = None, template_hash: str | None = None,
+             vendor: str | None = None) -> TableSet:
+    """A table file: that one table. A directory: every table of ISA class `isa` and CPU vendor
+    `vendor` in it (None: any; a table without a vendor serves every vendor). Every *.yaml
+    must be a valid table; two for one thread count are an error naming both."""
     if not os.path.isdir(path):
         table = load(path, torch_version, template_hash)
         return TableSet(path, {table.threads: table}, False)
@@ -383,25 +407,27 @@ def load_set(path: str, isa: str, torch_version: str | None = None, template_has
         if not name.endswith(".yaml"):
             continue
         table = load(os.path.join(path, name), torch_version, template_hash)
-        seen.append(f"{table.isa} {table.threads}t")
-        if table.isa != isa:
+        seen.append(f"{table.isa}{'/' + table.vendor if table.vendor else ''} {table.threads}t")
+        if not table.serves(isa, vendor):
             continue
         if table.threads in tables:
             raise TableError(f"{path}: two tables for {isa} at {table.threads} threads: {tables[table.threads].path} and {table.path}")
         tables[table.threads] = table
     if not tables:
-        raise TableError(f"{path}: no table for ISA class {isa} (found: {', '.join(seen) or 'no tables'})")
+        on = f" on {vendor} hosts" if vendor else ""
+        raise TableError(f"{path}: no table for ISA class {isa}{on} (found: {', '.join(seen) or 'no tables'})")
     return TableSet(path, dict(sorted(tables.items())), True)
 
 
-def set_problems(tables: TableSet, isa: str, threads: int, torch_version: str, template_hash: str) -> list[str]:
-    """Why this set must not be used by a process of this class and thread count (empty: it may)."""
+def set_problems(tables: TableSet, isa: str, threads: int, torch_version: str, template_hash: str,
+                 vendor: str | None = None) -> list[str]:
+    """Why this set must not be used by a process of this class, vendor and thread count (empty: it may)."""
     if not tables.directory:
         table = next(iter(tables.tables.values()))
-        problems = incompatibilities(table, isa, threads, torch_version, template_hash)
+        problems = incompatibilities(table, isa, threads, torch_version, template_hash, vendor)
         return [f"{table.path}: not used: " + "; ".join(problems)] if problems else []
     problems = [f"{t.path}: not used: {p}" for t in tables.tables.values()
-                for p in incompatibilities(t, isa, None, torch_version, template_hash)]
+                for p in incompatibilities(t, isa, None, torch_version, template_hash, vendor)]
     if threads not in tables.tables:
         closed = tables.transfer_closed()
         if closed:

@@ -82,7 +82,7 @@ def test_an_emulated_dq_never_wins_and_is_reported():
     fast_dq = record("big-host", "int8", 128, {"aten": noisy(100), "aten~aa": noisy(100, seed=1),
                                                "dq": noisy(70, seed=2), "cpp": noisy(98, seed=3)}, isa="avx2")
     result = aggregate([_emulated(fast_dq)], torch_version(), template_hash())
-    (only,) = result.tables[("avx2", 2)]["entries"]
+    (only,) = result.tables[("avx2", "other", 2)]["entries"]
     assert only["winner"] != "dq" and "dq" in only["failed"]
     assert len(result.emulation_blind) == 1 and "dq" in result.emulation_blind[0]
 
@@ -97,7 +97,7 @@ def test_a_native_record_replaces_emulated_ones_and_agreement_is_counted():
                 record("epyc", "int8", 1, {"aten": noisy(100), "aten~aa": noisy(100, seed=1), "cpp": noisy(75, seed=3)},
                        isa="avx2")]
     result = aggregate([emulated, native, *agreeing], torch_version(), template_hash())
-    table = result.tables[("avx2", 2)]
+    table = result.tables[("avx2", "other", 2)]
     assert table["emulated"] is False and set(table["hosts"]) == {"epyc"}
     winners = {e["key"]["m"]: e["winner"] for e in table["entries"]}
     assert winners == {1: "cpp", 128: "dq[fp32]"}

@@ -173,7 +173,7 @@ def test_nightly_remeasures_entries_from_unreliable_records_first():
     doc = table_doc([entry("int8", "bf16", 1, 256, 256, None, "aten"),
                      entry("int8", "bf16", 8, 256, 256, None, "aten", unreliable=True)], isa="avx512", threads=2)
     now = dt.datetime(2026, 11, 27, tzinfo=dt.timezone.utc)
-    chosen = select(spec, {("avx512", 2): doc}, torch_version(), template_hash(), now, 30.0, set())
+    chosen = select(spec, {("avx512", "any", 2): doc}, torch_version(), template_hash(), now, 30.0, set(), "amd")
     assert chosen[0].measure and "unreliable" in chosen[0].reason and "/m8/" in chosen[0].key
     assert not chosen[1].measure
 

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import yaml
 
+import kernels
 from farm.cluster.localcluster import local_cluster
 from farm.measure.host import native_isa, runnable
 from farm.nightly.driver import EXIT_FAILURE, EXIT_OK, EXIT_REGRESSION, EXIT_SKIPPED, run
@@ -74,7 +75,7 @@ def test_second_night_in_a_row_measures_nothing_and_reports_no_change(first_nigh
     assert first.exit_code == EXIT_OK, first.failures
     assert sum(s.measure for s in first.selections) == ROWS
     assert all(s.reason == "missing from the shipped table" for s in first.selections)
-    assert set(_tables(base / "n1" / "tables")) == {f"{isa}-t2.yaml" for isa in SERVED}
+    assert set(_tables(base / "n1" / "tables")) == {f"{isa}-{kernels.host_vendor()}-t2.yaml" for isa in SERVED}
     second = run(spec_doc=SPEC, tables_dir=str(base / "n1" / "tables"), out=str(base / "n2"),
                  address=cluster["address"], store_path=str(base / "history.db"), race_budget_s=0)  # no racing: below
     assert second.exit_code == EXIT_OK and second.run_id is None

@@ -212,7 +212,7 @@ def test_aggregate_ships_a_validated_rule_in_the_table_and_it_loads():
     records = [_records(f, m, n, 80 if m <= 16 else 104, seed=i)
                for i, (f, m, n) in enumerate((f, m, n) for f in widths for m in (1, 16, 128, 512) for n in widths[f])]
     result = aggregate(records, torch_version(), template_hash(), resamples=200)
-    doc = result.tables[("avx2", 2)]
+    doc = result.tables[("avx2", "other", 2)]
     assert doc["rule"] is not None, doc["rule_status"]
     v = doc["rule"]["validation"]
     assert v["losses_vs_default"] == 0 and v["families"] == ["Llama", "Qwen"] and v["decided"] > 0
@@ -225,7 +225,7 @@ def test_aggregate_ships_a_validated_rule_in_the_table_and_it_loads():
 def test_one_family_is_not_enough_to_ship_a_rule():
     records = [_records("Llama", m, 2048, 80, seed=m) for m in (1, 16, 128)]
     result = aggregate(records, torch_version(), template_hash(), resamples=200)
-    doc = result.tables[("avx2", 2)]
+    doc = result.tables[("avx2", "other", 2)]
     assert doc["rule"] is None and "1 model family" in doc["rule_status"]
 
 
@@ -240,7 +240,7 @@ def test_an_op_measured_in_one_family_only_stays_outside_the_rules_domain():
                                       "dq[fp32]": noisy(70, seed=99 + i)}, n=3072, k=2048, group=128, isa="avx2")
         rec["label"] = "Qwen-1B.proj"
         records.append(rec)
-    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", 2)]
+    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", "other", 2)]
     assert doc["rule"] is not None, doc["rule_status"]
     assert doc["rule"]["domain"] == [["int8", "bf16"]]
     assert not parse_rule(doc["rule"], "rule", 2).covers("int4", "bf16")
@@ -258,7 +258,7 @@ def test_an_op_that_loses_on_a_held_out_family_leaves_the_domain_and_the_other_o
                                       "dq[fp32]": noisy(dq_ms, seed=400 + i)}, n=n, k=2048, group=128, isa="avx2")
         rec["label"] = f"{f}-1B.proj"
         records.append(rec)
-    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", 2)]
+    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", "other", 2)]
     assert doc["rule"] is not None, doc["rule_status"]
     assert doc["rule"]["domain"] == [["int8", "bf16"]]
     assert "int4" in doc["rule_status"] and "left out" in doc["rule_status"]

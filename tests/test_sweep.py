@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 
+import kernels
 from farm.errors import UserError
 from farm.cluster.localcluster import local_cluster
 from farm.measure.host import native_isa, runnable
@@ -92,7 +93,7 @@ def test_sweep_through_the_jobs_api(mixed_cluster, tmp_path):
         assert time.time() < deadline, client.get_job_logs(job)[-3000:]
         time.sleep(1)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
-    assert (tmp_path / "tables" / "avx2-t2.yaml").exists()
+    assert (tmp_path / "tables" / f"avx2-{kernels.host_vendor()}-t2.yaml").exists()
     assert Store(str(tmp_path / "job.db")).count() == 1
 
 
@@ -230,6 +231,6 @@ def test_embedded_mode_skips_what_this_host_cannot_serve_with_one_notice_and_end
     result = run(spec_doc=spec, address=None, store_path=str(tmp_path / "e.db"), out=str(tmp_path / "t"),
                  console=console)
     assert result.skipped_classes == {MISSING: 1} and result.measured == 1 and result.failed == []
-    assert set(result.tables) == {(NATIVE, 2)} and os.path.exists(result.tables[(NATIVE, 2)])
+    assert set(result.tables) == {(NATIVE, kernels.host_vendor(), 2)} and os.path.exists(result.tables[(NATIVE, kernels.host_vendor(), 2)])
     notices = [line for line in console.export_text().splitlines() if "skipping ISA class" in line]
     assert len(notices) == 1 and MISSING in notices[0]

@@ -26,7 +26,7 @@ from farm.tables.commands import show
 from kernels import lowering
 from kernels.candidates import parse, transfers_across_threads
 from kernels.provenance import template_hash, torch_version
-from kernels.table import TableError, dump, load, load_set, lookup_set
+from kernels.table import VENDORS, TableError, dump, load, load_set, lookup_set
 from tablekit import entry, table_doc
 
 ISA = kernels.host_isa()
@@ -205,17 +205,45 @@ def test_the_transfer_field_is_validated_naming_the_field(tmp_path, transfer, ne
     assert needle in str(info.value)
 
 
-def test_the_shipped_tables_are_named_by_thread_count_and_load_as_a_set():
+def test_the_shipped_tables_are_named_by_class_vendor_and_thread_count_and_load_as_a_set():
     names = sorted(os.listdir(kernels.TABLES_DIR))
-    assert names and all(n.endswith(".yaml") and "-t" in n for n in names)
+    assert names and all(n.endswith(".yaml") for n in names)
     for name in names:
         table = load(os.path.join(kernels.TABLES_DIR, name))
-        assert name == f"{table.isa}-t{table.threads}.yaml"
-    for isa in {n.split("-t")[0] for n in names}:
-        assert load_set(kernels.TABLES_DIR, isa).directory
-    path = kernels.shipped_table("avx2", threads=2)
-    assert path.endswith("avx2-t2.yaml")
-    assert kernels.shipped_table("avx2", threads=64) == kernels.TABLES_DIR  # no such file: the directory
+        assert table.vendor in VENDORS  # every shipped table names the vendor whose hosts it measured
+        assert name == f"{table.isa}-{table.vendor}-t{table.threads}.yaml"
+    for isa, vendor in {tuple(n.split("-")[:2]) for n in names}:
+        assert load_set(kernels.TABLES_DIR, isa, vendor=vendor).directory
+    path = kernels.shipped_table("avx2", threads=2, vendor="amd")
+    assert path.endswith("avx2-amd-t2.yaml")
+    assert kernels.shipped_table("avx2", threads=64, vendor="amd") == kernels.TABLES_DIR  # no such file: the directory
+
+
+@pytest.mark.parametrize("text, vendor", [("GenuineIntel", "intel"), ("AuthenticAMD", "amd"), ("AMD EPYC 9R14", "amd"),
+                                          ("Intel(R) Xeon(R) Processor", "intel"), ("HygonGenuine", "other"),
+                                          ("Lambda Processor", "other"), ("", "other"), (None, "other")])
+def test_vendor_of_reads_cpuid_vendor_strings_and_model_names(text, vendor):
+    assert kernels.vendor_of(text) == vendor
+
+
+def test_a_directory_serves_only_its_own_vendors_tables_and_names_what_it_found(tmp_path):
+    here = kernels.host_vendor()
+    other = "intel" if here != "intel" else "amd"
+    folder = _dir(tmp_path, [table_doc(T2, isa=ISA, threads=2, vendor=other)])
+    with pytest.raises(TableError, match=f"no table for ISA class {ISA} on {here} hosts \\(found: {ISA}/{other} 2t\\)"):
+        load_set(folder, ISA, vendor=here)
+    torch.set_num_threads(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not kernels.install(folder).active  # never another vendor's answers
+    assert any(f"on {here} hosts" in str(w.message) for w in caught)
+    both = _dir(tmp_path, [table_doc(T2, isa=ISA, threads=2, vendor=other), table_doc(T2, isa=ISA, threads=2, vendor=here)],
+                name="both")
+    assert load_set(both, ISA, vendor=here).tables[2].vendor == here  # two vendors at one count: each its own
+    legacy = _dir(tmp_path, [table_doc(T2, isa=ISA, threads=2)], name="legacy")  # no vendor: written before them
+    assert load_set(legacy, ISA, vendor=here).tables[2].vendor is None
+    assert kernels.install(legacy, strict=True).active
+    kernels.uninstall()
 
 
 def test_the_choices_that_transfer_across_thread_counts():
@@ -262,7 +290,7 @@ def test_aggregation_measures_the_transfer_regret_from_real_records_at_two_threa
                for t in (1, 2)]
     result = aggregate(records, torch_version(), template_hash(), resamples=200)
     isa = records[0]["host"]["isa"]
-    docs = {t: result.tables[(isa, t)] for t in (1, 2)}
+    docs = {t: result.tables[(isa, kernels.host_vendor(), t)] for t in (1, 2)}
     for here, there in ((2, 1), (1, 2)):
         [rec] = docs[here]["transfer"]
         mine, theirs = (docs[t]["entries"][0]["winner"] for t in (here, there))

@@ -206,11 +206,15 @@ def _tables_by_weights(records: list[dict], workdir: str) -> dict[tuple[str, str
 
     from farm.tables.aggregate import aggregate
 
+    import kernels
+
     out = {}
     for weights in sorted({r["problem"]["weights"] for r in records}):
         result = aggregate([r for r in records if r["problem"]["weights"] == weights], torch_version(), template_hash())
-        for (isa, threads), doc in result.tables.items():
-            path = os.path.join(workdir, f"{weights}-{isa}-t{threads}.yaml")
+        for (isa, vendor, threads), doc in result.tables.items():
+            if vendor != kernels.host_vendor():  # delivered speedups are timed here, with this host's tables
+                continue
+            path = os.path.join(workdir, f"{weights}-{isa}-{vendor}-t{threads}.yaml")
             dump(doc, path)
             out[(weights, isa, threads)] = (path, doc)
     return out

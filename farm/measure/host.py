@@ -11,7 +11,7 @@ import platform
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from kernels import isa_class
+from kernels import host_vendor, isa_class, vendor_of
 
 ISA_CLASSES = ("amx", "avx512", "avx2", "default")
 # How an AVX512 host pretends to be AVX2: ATen's dispatch and Inductor's vector width.
@@ -30,6 +30,7 @@ class HostProfile:
     vec_isa: str
     aten_capability: str
     cpu: str
+    vendor: str  # intel, amd, other (kernels.host_vendor): tables are kept per vendor
     hostname: str
     host_id: str  # hostname + machine id: two machines may share a hostname ("vm")
     cores: int
@@ -44,6 +45,12 @@ class HostProfile:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def record_vendor(host: dict) -> str:
+    """The CPU vendor of a record's host: its own field, or (records written before it) the
+    vendor its CPU model name says."""
+    return host.get("vendor") or vendor_of(host.get("cpu"))
 
 
 def _cache_bytes(level: int) -> int:
@@ -120,6 +127,7 @@ def profile(threads: int | None = None) -> HostProfile:
         vec_isa=vec_name,
         aten_capability=torch.backends.cpu.get_cpu_capability(),
         cpu=_cpu_model(),
+        vendor=host_vendor(),
         hostname=platform.node(),
         host_id=host_id(),
         cores=int(caps.get("num_physical_cores") or os.cpu_count() or 1),

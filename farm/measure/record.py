@@ -6,7 +6,8 @@ Record format history (RECORD_SCHEMA_VERSION):
      processes (per worker process: rounds, A/A control, band), candidates[].per_process,
      unreliable and unreliable_reason (the A/A gate), candidates[].faults_per_call and
      candidates[].per_process[].faults_per_call (minor page faults per timed kernel call; records
-     before 2026-11-28 lack them). A record without per_process is one process.
+     before 2026-11-28 lack them), host.vendor (intel, amd, other; earlier records' vendor is
+     read from host.cpu, farm.measure.host.record_vendor). A record without per_process is one process.
      Pooling (the nightly's races) reads a stored record's processes back (process_samples) and
      pools only records that poolable() accepts; the records stay as measured, never rewritten.
 """
@@ -37,6 +38,7 @@ RECORD_SCHEMA = {
             "type": "object",
             "required": ["isa", "emulated", "capabilities", "cpu", "cores", "torch", "threads", "l3_bytes"],
             "properties": {"isa": {"enum": ["amx", "avx512", "avx2", "default"]}, "emulated": {"type": "boolean"},
+                           "vendor": {"enum": ["intel", "amd", "other"]},
                            "cores": {"type": "integer", "minimum": 1}},
         },
         "problem": {

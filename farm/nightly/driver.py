@@ -24,16 +24,20 @@ from dataclasses import asdict, dataclass, field, replace
 
 from rich.console import Console
 
+from kernels.table import VENDORS
+
 from farm.tables.diff import DEFAULT_MIN_CHANGE, Change, diff_tables, summary
 from farm.errors import UserError
 from farm.nightly.race import DEFAULT_RACE_BUDGET_S, UNRELIABLE_REASON, Race, check_budget, plan, stop_reason
 from farm.sweep.spec import Spec, Task, load_spec, parse_spec
+from farm.measure.host import record_vendor
 from farm.measure.store import Store, host_name, problem_key
 
 # 30: nothing worse happened, but ISA classes were skipped (no node serves them); diff.json and
 # the summary line name them, so a partial night is never mistaken for a green one.
 EXIT_OK, EXIT_REGRESSION, EXIT_FAILURE, EXIT_SKIPPED = 0, 10, 20, 30
 DEFAULT_MAX_AGE_DAYS = 30.0
+ANY_VENDOR = "any"  # the vendor key of a shipped table written before tables had one
 
 
 @dataclass
@@ -68,8 +72,9 @@ def _entry_key(task: Task) -> dict:
     return {"op": p.op, "dtype": p.dtype, "m": p.m, "n": p.n, "k": p.k, "group_size": p.group_size}
 
 
-def load_shipped(tables_dir: str) -> dict[tuple[str, int], dict]:
-    """(isa, threads) -> table document, for every valid table in `tables_dir`."""
+def load_shipped(tables_dir: str) -> dict[tuple[str, str, int], dict]:
+    """(isa, vendor, threads) -> table document, for every valid table in `tables_dir` (vendor
+    "any" for a table written before tables had one)."""
     import yaml
 
     from kernels.table import TableError, load
@@ -87,8 +92,14 @@ def load_shipped(tables_dir: str) -> dict[tuple[str, int], dict]:
             raise UserError(f"shipped table {exc}") from None
         with open(path) as f:
             doc = yaml.safe_load(f)
-        out[(doc["isa"], doc["threads"])] = doc
+        out[(doc["isa"], doc.get("vendor") or ANY_VENDOR, doc["threads"])] = doc
     return out
+
+
+def shipped_for(shipped: dict[tuple[str, str, int], dict], isa: str, vendor: str, threads: int) -> dict | None:
+    """The shipped table that hosts of this class, vendor and thread count use (its own, else one
+    written before tables had a vendor)."""
+    return shipped.get((isa, vendor, threads)) or shipped.get((isa, ANY_VENDOR, threads))
 
 
 def _find(doc: dict | None, key: dict) -> dict | None:
@@ -97,14 +108,15 @@ def _find(doc: dict | None, key: dict) -> dict | None:
     return next((e for e in doc["entries"] if e["key"] == key), None)
 
 
-def select(spec: Spec, shipped: dict[tuple[str, int], dict], torch_version: str, template_hash: str,
-           now: dt.datetime, max_age_days: float, remeasure: set[str]) -> list[Selection]:
-    """Why each task of the spec is (or is not) measured tonight, those whose shipped entry came
-    from unreliable records (the A/A gate) first. Pure."""
+def select(spec: Spec, shipped: dict[tuple[str, str, int], dict], torch_version: str, template_hash: str,
+           now: dt.datetime, max_age_days: float, remeasure: set[str], vendor: str) -> list[Selection]:
+    """Why each task of the spec is (or is not) measured tonight against the tables of `vendor`
+    (the hosts that measure), those whose shipped entry came from unreliable records (the A/A
+    gate) first. Pure."""
     out = []
     unreliable = UNRELIABLE_REASON
     for task in spec.tasks:
-        doc = shipped.get((task.isa, task.problem.threads))
+        doc = shipped_for(shipped, task.isa, vendor, task.problem.threads)
         entry = _find(doc, _entry_key(task))
         reason, measure = "fresh", False
         if entry is None:
@@ -175,8 +187,8 @@ def exit_code(changes: dict[str, list[Change]], checks: list[dict], failures: li
     return EXIT_OK
 
 
-def earlier_records(store: Store, tasks: list[Task], shipped: dict[tuple[str, int], dict], torch_version: str,
-                    template_hash: str) -> dict[tuple[str, str], list[dict]]:
+def earlier_records(store: Store, tasks: list[Task], shipped: dict[tuple[str, str, int], dict], torch_version: str,
+                    template_hash: str, vendor: str) -> dict[tuple[str, str], list[dict]]:
     """(isa, key) -> the stored records that decided the shipped entry (its run ids), or where the
     store lacks them the newest record of the key; only records of tonight's torch and template.
     A key with no shipped entry has nothing earlier to race."""
@@ -184,7 +196,7 @@ def earlier_records(store: Store, tasks: list[Task], shipped: dict[tuple[str, in
     latest = None
     out = {}
     for task in tasks:
-        entry = _find(shipped.get((task.isa, task.problem.threads)), _entry_key(task))
+        entry = _find(shipped_for(shipped, task.isa, vendor, task.problem.threads), _entry_key(task))
         if entry is None:
             continue
         found = []
@@ -195,7 +207,8 @@ def earlier_records(store: Store, tasks: list[Task], shipped: dict[tuple[str, in
         if not found:
             latest = store.latest(torch_version, template_hash) if latest is None else latest
             found = [latest[(task.key, task.isa)]] if (task.key, task.isa) in latest else []
-        found = [r for r in found if (r["provenance"]["torch"], r["provenance"]["template_hash"]) == (torch_version, template_hash)]
+        found = [r for r in found if (r["provenance"]["torch"], r["provenance"]["template_hash"]) == (torch_version, template_hash)
+                 and record_vendor(r["host"]) == vendor]
         if found:
             out[(task.isa, task.key)] = found
     return out
@@ -245,8 +258,11 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
         out: str = "nightly", address: str | None = None, store_path: str | None = None,
         max_age_days: float = DEFAULT_MAX_AGE_DAYS, remeasure: set[str] | None = None,
         min_change: float = DEFAULT_MIN_CHANGE, history: int = 14, console: Console | None = None,
-        skip_missing: bool = False, race_budget_s: float = DEFAULT_RACE_BUDGET_S) -> NightlyResult:
-    """The whole nightly; returns what happened (exit_code for CI)."""
+        skip_missing: bool = False, race_budget_s: float = DEFAULT_RACE_BUDGET_S, vendor: str | None = None) -> NightlyResult:
+    """The whole nightly; returns what happened (exit_code for CI). `vendor`: the CPU vendor of
+    the hosts that measure (default this host's), whose tables decide what is stale; every
+    record still goes into its own host's vendor's table."""
+    import kernels
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
@@ -260,13 +276,14 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
     spec = parse_spec(spec_doc, "spec") if spec_doc is not None else load_spec(spec_path)
     shipped = load_shipped(tables_dir)
     now = dt.datetime.now(dt.timezone.utc)
-    selections = select(spec, shipped, torch_version(), template_hash(), now, max_age_days, remeasure or set())
+    vendor = vendor or kernels.host_vendor()
+    selections = select(spec, shipped, torch_version(), template_hash(), now, max_age_days, remeasure or set(), vendor)
     os.makedirs(out, exist_ok=True)
     store = Store(store_path or os.path.join(out, "nightly.db"))
     failures: list[str] = []
     run_id = None
     try:
-        earlier = earlier_records(store, spec.tasks, shipped, torch_version(), template_hash())
+        earlier = earlier_records(store, spec.tasks, shipped, torch_version(), template_hash(), vendor)
         selections, races = plan(selections, earlier, race_budget_s)
         by_key = {(t.isa, t.key): t for t in spec.tasks}
         # Selection order, raced keys first: they are measured first (a separate pass, below).
@@ -299,23 +316,24 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
         new_tables = result.tables if result else {}
         changes, checks, written = {}, [], {}
         paths = table_paths(os.path.join(out, "tables"), set(shipped) | set(new_tables))
-        for isa_threads in sorted(paths):
-            measured_keys = {tuple(sorted(e["key"].items())) for e in new_tables.get(isa_threads, {}).get("entries", [])}
-            merged = merge(shipped.get(isa_threads), new_tables.get(isa_threads), measured_keys)
+        for table_key in sorted(paths):
+            isa, table_vendor, threads = table_key
+            # A vendor's first table grows from the one written before tables had a vendor.
+            shipped_doc = shipped.get(table_key) or (shipped_for(shipped, *table_key) if table_key in new_tables else None)
+            measured_keys = {tuple(sorted(e["key"].items())) for e in new_tables.get(table_key, {}).get("entries", [])}
+            merged = merge(shipped_doc, new_tables.get(table_key), measured_keys)
             if merged is None:
                 continue
-            isa, threads = isa_threads
-            path = paths[isa_threads]
-            dump(merged, path)
-            written[f"{isa}/{threads}"] = path
-            old = shipped.get(isa_threads, {"entries": []})
-            changes[f"{isa}/{threads}"] = diff_tables(old, merged, min_change)
+            name = f"{isa}/{table_vendor}/{threads}"
+            dump(merged, paths[table_key])
+            written[name] = paths[table_key]
+            changes[name] = diff_tables(shipped_doc or {"entries": []}, merged, min_change)
             for record in records:  # tonight's own measurement (a raced key's first pass), not the pool
-                if (record["host"]["isa"], record["problem"]["threads"]) != isa_threads:
+                if (record["host"]["isa"], record_vendor(record["host"]), record["problem"]["threads"]) != table_key:
                     continue
-                entry = _find(shipped.get(isa_threads), {k: record["problem"][k] for k in ("op", "dtype", "m", "n", "k", "group_size")})
+                entry = _find(shipped_doc, {k: record["problem"][k] for k in ("op", "dtype", "m", "n", "k", "group_size")})
                 if entry is not None:
-                    checks.append({"isa": isa, **shipped_check(entry, record, min_change)})
+                    checks.append({"isa": isa, "vendor": table_vendor, **shipped_check(entry, record, min_change)})
         code = exit_code(changes, checks, failures, skipped_classes)
         race_rows = [race.as_dict() for race in races.values()]
         nightly = NightlyResult(code, run_id, out, selections, changes, checks, failures, time.perf_counter() - start,
@@ -326,7 +344,8 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
                        "changes": {k: [c.as_dict() for c in v if c.kind != "unchanged"] for k, v in changes.items()},
                        "shipped_checks": checks, "selection": [asdict(s) for s in selections],
                        "race_budget_s": race_budget_s, "races": race_rows}, f, indent=1)
-        write_report(nightly, shipped, {f"{i}/{t}": d for (i, t), d in new_tables.items()}, store, history)
+        write_report(nightly, {f"{i}/{v}/{t}": d for (i, v, t), d in shipped.items()},
+                     {f"{i}/{v}/{t}": d for (i, v, t), d in new_tables.items()}, store, history)
     finally:
         store.close()
     nightly.wall_s = time.perf_counter() - start
@@ -345,6 +364,8 @@ def add_arguments(p) -> None:
     p.add_argument("--history", type=int, default=14, help="nights shown in the trend")
     p.add_argument("--skip-missing", action="store_true", help="with --address: skip ISA classes no live node "
                    "serves (exit 30 when nothing worse happened) instead of failing")
+    p.add_argument("--vendor", default=None, choices=VENDORS, help="CPU vendor of the hosts that measure, whose "
+                   "shipped tables decide what is stale (default: this host's)")
     p.add_argument("--race-budget-s", type=float, default=DEFAULT_RACE_BUDGET_S,
                    help="seconds the night may spend racing close calls (re-measured first, pooled with their earlier "
                         f"records until decided); the first pass always runs; 0: no racing (default {DEFAULT_RACE_BUDGET_S:g})")
@@ -355,6 +376,8 @@ def _forwarded(args) -> list[str]:
     out = [args.spec, "--tables", args.tables, "--max-age-days", str(args.max_age_days),
            "--min-change", str(args.min_change), "--history", str(args.history), "--address", "auto",
            "--race-budget-s", str(args.race_budget_s)]
+    if args.vendor:
+        out += ["--vendor", args.vendor]
     if args.store:
         out += ["--store", args.store]
     for key in args.remeasure:
@@ -373,7 +396,8 @@ def main_args(args) -> int:
         return submit_and_fetch(args.address, "jobs.nightly", _forwarded(args), args.out, root)
     result = run(args.spec, tables_dir=args.tables, out=args.out, address=args.address, store_path=args.store,
                  max_age_days=args.max_age_days, remeasure=set(args.remeasure), min_change=args.min_change,
-                 history=args.history, skip_missing=args.skip_missing, race_budget_s=args.race_budget_s)
+                 history=args.history, skip_missing=args.skip_missing, race_budget_s=args.race_budget_s,
+                 vendor=args.vendor)
     console = Console(stderr=True)
     label = {EXIT_OK: "nothing significant", EXIT_REGRESSION: "significant regressions", EXIT_FAILURE: "failures",
              EXIT_SKIPPED: "ISA classes skipped: " + ", ".join(sorted(result.skipped_classes))}

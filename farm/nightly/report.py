@@ -144,7 +144,8 @@ def race_lines(races: list[dict], budget_s: float) -> list[str]:
 
 
 def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: int) -> str:
-    """report.md in result.out; returns its path."""
+    """report.md in result.out; returns its path. `shipped` and `new_tables` are keyed by the
+    table's name, "isa/vendor/threads", as result.changes is."""
     lines = ["# kernel-farm nightly", "",
              f"Exit code **{result.exit_code}** (0 nothing significant, 10 regressions, 20 failures, 30 ISA classes skipped). "
              f"Run `{result.run_id or 'none: nothing to measure'}`, wall {result.wall_s:.0f} s. "
@@ -163,10 +164,10 @@ def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: 
         lines += [f"| {s.isa} | `{s.key}` | {s.label} | {s.reason} |" for s in measured]
         lines.append("")
     for name, changes in sorted(result.changes.items()):
-        isa, threads = name.split("/")
-        old = shipped.get((isa, int(threads)))
-        lines += [f"## {isa}, {threads} threads", "", f"Changes: {summary(changes)}", ""]
-        checks = [c for c in result.shipped_checks if c["isa"] == isa]
+        isa, vendor, threads = name.split("/")
+        old = shipped.get(name)
+        lines += [f"## {isa}, {vendor} hosts, {threads} threads", "", f"Changes: {summary(changes)}", ""]
+        checks = [c for c in result.shipped_checks if (c["isa"], c.get("vendor")) == (isa, vendor)]
         notable = [c for c in checks if c["kind"] != "unchanged"]
         lines += ["### What ships, measured again", ""]
         if notable:
@@ -193,15 +194,15 @@ def write_report(result, shipped: dict, new_tables: dict, store: Store, nights: 
         else:
             lines.append("No change.")
         lines.append("")
-        plot = os.path.join("plots", f"{isa}-t{threads}-speedup.png")
-        speedup_plot(old, new_tables.get(name), f"{isa}, {threads} threads: winner speedup over ATen",
+        plot = os.path.join("plots", f"{isa}-{vendor}-t{threads}-speedup.png")
+        speedup_plot(old, new_tables.get(name), f"{isa}, {vendor} hosts, {threads} threads: winner speedup over ATen",
                      os.path.join(result.out, plot))
         lines += [f"![speedup over ATen, shipped vs new]({plot})", ""]
         remeasured = {key_text(r["problem"]) for r in store.records(result.run_id, isa)} if result.run_id else set()
         if remeasured:
             history = key_history(store, isa, remeasured, nights)
             if history:
-                trend = os.path.join("plots", f"{isa}-t{threads}-trend.png")
+                trend = os.path.join("plots", f"{isa}-{vendor}-t{threads}-trend.png")
                 trend_plot(history, f"{isa}: winner time over the last {nights} nights", os.path.join(result.out, trend))
                 lines += [f"![trend]({trend})", ""]
         if name in result.tables:

@@ -272,8 +272,8 @@ def main_args(args) -> int:
         console.print(f"  failed: {line}")
     for isa, count in sorted(result.skipped_classes.items()):
         console.print(f"  skipped: {isa} ({count} tasks, no node of that class)")
-    for (isa, threads), path in result.tables.items():
-        console.print(f"  table {path} ({isa}, {threads} threads)")
+    for (isa, vendor, threads), path in result.tables.items():
+        console.print(f"  table {path} ({isa}, {vendor} hosts, {threads} threads)")
     return 1 if result.failed else 0
 
 

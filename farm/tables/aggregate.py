@@ -1,7 +1,7 @@
-"""Measurement records -> one autotune table per (ISA class, thread count). Pure functions.
+"""Measurement records -> one autotune table per (ISA class, CPU vendor, thread count). Pure functions.
 
 Robust combination: each candidate's per-round paired speedups over ATen are pooled across
-hosts of the same class (each round is paired within its host) and summarised by their
+hosts of the same class and vendor (each round is paired within its host) and summarised by their
 median with a bootstrap interval. Hosts that disagree are flagged, failed candidates never
 win, a lead inside the noise is not a win, and stale rows are left out and counted.
 """
@@ -17,6 +17,7 @@ from kernels.provenance import threads_hash
 from kernels.table import REGRET_THRESHOLD, TABLE_SCHEMA
 
 from farm.measure import stats
+from farm.measure.host import record_vendor
 from farm.measure.record import beyond_noise, leads_in_processes, process_leads, process_offset, quorum
 from farm.measure.store import host_name
 
@@ -247,12 +248,18 @@ def _key_of(entry: dict) -> tuple:
     return problem_key(entry["key"])
 
 
-def table_paths(out: str, keys) -> dict[tuple[str, int], str]:
-    """<isa>-t<threads>.yaml per (ISA class, thread count): the name is for people; a table's
-    thread count is read from its header, never from its name."""
+def table_paths(out: str, keys) -> dict[tuple[str, str, int], str]:
+    """<isa>-<vendor>-t<threads>.yaml per (ISA class, vendor, thread count): the name is for
+    people; a table's class, vendor and thread count are read from its header, never its name."""
     import os
 
-    return {(isa, t): os.path.join(out, f"{isa}-t{t}.yaml") for isa, t in sorted(set(keys))}
+    return {(isa, v, t): os.path.join(out, f"{isa}-{v}-t{t}.yaml") for isa, v, t in sorted(set(keys))}
+
+
+def table_name(key: tuple[str, str, int]) -> str:
+    """avx512/amd/2t: how reports and logs name the table of (ISA class, vendor, thread count)."""
+    isa, vendor, threads = key
+    return f"{isa}/{vendor}/{threads}t"
 
 
 def transfer_regret(entries: list[dict], combined: dict[tuple, dict[str, Combined]], other_entries: list[dict],
@@ -283,12 +290,12 @@ def transfer_regret(entries: list[dict], combined: dict[tuple, dict[str, Combine
 
 @dataclass
 class AggregateResult:
-    tables: dict[tuple[str, int], dict]
+    tables: dict[tuple[str, str, int], dict]  # by (ISA class, vendor, thread count)
     stale: int
     skipped: list[str]
     # emulated rows of library-GEMM candidates that looked ok: excluded, never winners
     emulation_blind: list[str] = field(default_factory=list)
-    # keys measured both natively and emulated: {"isa", "threads", "key", "native", "emulated", "agree"}
+    # keys measured both natively and emulated: {"isa", "vendor", "threads", "key", "native", "emulated", "agree"}
     agreement: list[dict] = field(default_factory=list)
 
 
@@ -320,27 +327,32 @@ def emulation_agreement(by_key: dict[tuple, list[dict]], prefer_weights: str, re
 
 def aggregate(records: list[dict], torch_version: str, template_hash: str, prefer_weights: str = "model",
               regret_threshold: float = DEFAULT_REGRET_THRESHOLD, resamples: int = 2000) -> AggregateResult:
-    """Build one table document per (ISA class, threads) from fresh records, each with the
-    learned rule for shapes it has no entry for (farm/tables/rule.py) where one validates."""
+    """Build one table document per (ISA class, CPU vendor, threads) from fresh records, each with
+    the learned rule for shapes it has no entry for (farm/tables/rule.py) where one validates.
+    Vendors are never pooled: two hosts of one class and another vendor have picked opposite
+    winners on the same keys, so each table holds one vendor's evidence and answers on its hosts."""
     from farm.tables.rule import build_rule
 
     fresh = [r for r in records if not is_stale(r, torch_version, template_hash)]
-    groups: dict[tuple[str, int], dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple[str, str, int], dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in fresh:
-        groups[(record["host"]["isa"], record["problem"]["threads"])][problem_key(record["problem"])].append(record)
+        group = (record["host"]["isa"], record_vendor(record["host"]), record["problem"]["threads"])
+        groups[group][problem_key(record["problem"])].append(record)
     tables, skipped, blind, agreement = {}, [], [], []
-    decided: dict[tuple[str, int], tuple[list[dict], dict]] = {}
-    for (isa, threads), by_key in sorted(groups.items()):
-        agreement += [{"isa": isa, "threads": threads, **row} for row in emulation_agreement(by_key, prefer_weights, resamples)]
+    decided: dict[tuple[str, str, int], tuple[list[dict], dict]] = {}
+    for (isa, vendor, threads), by_key in sorted(groups.items()):
+        name = table_name((isa, vendor, threads))
+        agreement += [{"isa": isa, "vendor": vendor, "threads": threads, **row}
+                      for row in emulation_agreement(by_key, prefer_weights, resamples)]
         entries, combined, hosts, used = [], {}, {}, {}
         for key in sorted(by_key, key=lambda k: tuple((v is None, v) for v in k)):
             chosen = used[key] = _choose_weights(_prefer_native(by_key[key]), prefer_weights)
-            blind += sorted({f"{isa}/{threads}t {key}: {c['id']} (emulated on {_host_name(r)})" for r in chosen
+            blind += sorted({f"{name} {key}: {c['id']} (emulated on {_host_name(r)})" for r in chosen
                              for c in r["candidates"] if c["status"] == "ok" and emulation_blind(r, c["id"])})
             try:
                 entry, combined[key] = _entry(key, chosen, resamples)
             except ValueError as exc:
-                skipped.append(f"{isa}/{threads}t {key}: {exc}")
+                skipped.append(f"{name} {key}: {exc}")
                 continue
             entries.append(entry)
             for r in chosen:
@@ -348,10 +360,11 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
         _mark_nearest_m(entries, combined, regret_threshold)
         rule, rule_status = build_rule(used, combined)  # the entries' own statistics, not computed again
         all_records = [r for rs in by_key.values() for r in rs]
-        decided[(isa, threads)] = (entries, combined)
-        tables[(isa, threads)] = {
+        decided[(isa, vendor, threads)] = (entries, combined)
+        tables[(isa, vendor, threads)] = {
             "schema": TABLE_SCHEMA,
             "isa": isa,
+            "vendor": vendor,
             "threads": threads,
             "emulated": any(h["emulated"] for h in hosts.values()),
             "torch": torch_version,
@@ -367,8 +380,8 @@ def aggregate(records: list[dict], torch_version: str, template_hash: str, prefe
             "rule": rule,
             "rule_status": rule_status,
         }
-    for (isa, threads), (entries, combined) in decided.items():  # every pair of counts of one class
-        tables[(isa, threads)]["transfer"] = [
-            transfer_regret(entries, combined, other[0], t) for (i, t), other in sorted(decided.items())
-            if i == isa and t != threads]
+    for (isa, vendor, threads), (entries, combined) in decided.items():  # every pair of counts of one class and vendor
+        tables[(isa, vendor, threads)]["transfer"] = [
+            transfer_regret(entries, combined, other[0], t) for (i, v, t), other in sorted(decided.items())
+            if (i, v) == (isa, vendor) and t != threads]
     return AggregateResult(tables, len(records) - len(fresh), skipped, blind, agreement)

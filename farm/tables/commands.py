@@ -14,8 +14,8 @@ from farm.measure.problem import WEIGHT_MODES
 
 
 def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | None = None,
-                  prefer_weights: str = "model") -> dict[tuple[str, int], str]:
-    """Write one table per (ISA, threads) into `out`; returns the paths written."""
+                  prefer_weights: str = "model") -> dict[tuple[str, str, int], str]:
+    """Write one table per (ISA, vendor, threads) into `out`; returns the paths written."""
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
@@ -42,7 +42,7 @@ def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | N
         print(f"emulated vs native winners on the same keys: {agree} of {len(result.agreement)} agree")
         for row in result.agreement:
             if not row["agree"]:
-                print(f"  {row['isa']}/{row['threads']}t {row['key']}: native {row['native']}, emulated {row['emulated']}")
+                print(f"  {row['isa']}/{row['vendor']}/{row['threads']}t {row['key']}: native {row['native']}, emulated {row['emulated']}")
     if result.stale:
         print(f"left out {result.stale} stale record(s)")
     return written
@@ -63,7 +63,8 @@ def load_doc(path: str) -> dict:
 
 def show(path: str, console: Console | None = None) -> None:
     doc = load_doc(path)
-    table = RichTable(title=f"{path}: {doc['isa']}{' (emulated)' if doc['emulated'] else ''}, {doc['threads']} threads, "
+    vendor = f", {doc['vendor']} hosts" if doc.get("vendor") else ", any vendor"
+    table = RichTable(title=f"{path}: {doc['isa']}{' (emulated)' if doc['emulated'] else ''}{vendor}, {doc['threads']} threads, "
                             f"torch {doc['torch']}, template {doc['template_hash']}, {len(doc['entries'])} entries",
                       title_justify="left")
     for col in ("op", "dtype", "M", "N", "K", "group", "winner", "us", "speedup", "95% CI", "runner-up", "nearest-M", "note"):
@@ -140,7 +141,8 @@ def check(path: str) -> list[str]:
         table = load(path, torch_version(), template_hash())
     except TableError as exc:
         return [str(exc)]
-    problems = incompatibilities(table, kernels.host_isa(), torch.get_num_threads(), torch_version(), template_hash())
+    problems = incompatibilities(table, kernels.host_isa(), torch.get_num_threads(), torch_version(), template_hash(),
+                                 kernels.host_vendor())
     stale = [e for e in table.entries.values() if e.stale]
     if stale:
         problems.append(f"{len(stale)} of {len(table.entries)} entries are stale")
@@ -149,8 +151,8 @@ def check(path: str) -> list[str]:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     written = run_aggregate(args.records, args.store, args.out, args.run, args.prefer_weights)
-    for (isa, threads), path in written.items():
-        print(f"wrote {path} ({isa}, {threads} threads)")
+    for (isa, vendor, threads), path in written.items():
+        print(f"wrote {path} ({isa}, {vendor} hosts, {threads} threads)")
     return 0
 
 
@@ -184,11 +186,11 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("aggregate", help="measurement records -> one table per ISA class")
+    p = sub.add_parser("aggregate", help="measurement records -> one table per ISA class, CPU vendor and thread count")
     p.add_argument("records", nargs="*", help="files of `farm measure --json` records")
     p.add_argument("--store", default=None, help="a sweep's SQLite store")
     p.add_argument("--run", default=None, help="only this run of the store")
-    p.add_argument("--out", required=True, help="directory for <isa>-t<threads>.yaml")
+    p.add_argument("--out", required=True, help="directory for <isa>-<vendor>-t<threads>.yaml")
     p.add_argument("--prefer-weights", default="model", choices=WEIGHT_MODES,
                    help="the weight state whose records decide a key measured in several (then model, cold, warm)")
     p.set_defaults(fn=cmd_aggregate)

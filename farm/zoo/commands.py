@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kernels.table import VENDORS
+
 from farm.zoo import coverage, shapes
 
 
@@ -19,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--table", default=None, help="default: this host's shipped table")
     p.add_argument("--threads", type=int, default=None, help="the process's thread count (default: this one's)")
     p.add_argument("--isa", default=None, help="the host's ISA class (default: the table's own)")
+    p.add_argument("--vendor", default=None, choices=VENDORS,
+                   help="the host's CPU vendor, for a directory of tables (default: this host's)")
     p.add_argument("--against", default=None, metavar="OLD",
                    help="also list what OLD (the table or directory the new one replaces) decides differently")
     p.add_argument("--check-spec", default=None, metavar="FILE",

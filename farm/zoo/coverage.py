@@ -67,6 +67,7 @@ class TableView:
     isa: str
     threads: int
     refused: list[str]
+    vendor: str | None = None  # the CPU vendor asked for (None: a table file, on a host of its own vendor)
 
     @property
     def path(self) -> str:
@@ -77,10 +78,12 @@ class TableView:
         return not self.refused and self.threads not in self.tables.tables
 
 
-def open_table(path: str | None, threads: int | None = None, isa: str | None = None) -> TableView:
+def open_table(path: str | None, threads: int | None = None, isa: str | None = None,
+               vendor: str | None = None) -> TableView:
     """Load as kernels.install() does: rows of another torch release or template source are stale;
-    a file is refused whole for another ISA class, thread count, torch or template; a directory
-    (the shipped tables by default) gives its tables of the class, with thread transfer."""
+    a file is refused whole for another ISA class, vendor, thread count, torch or template; a
+    directory (the shipped tables by default) gives its tables of the class and vendor (default:
+    this host's), with thread transfer."""
     import kernels
     from kernels.provenance import template_hash, torch_version
 
@@ -91,13 +94,13 @@ def open_table(path: str | None, threads: int | None = None, isa: str | None = N
         threads = torch.get_num_threads()
     current_torch, current_hash = torch_version(), template_hash()
     if os.path.isdir(path):
-        isa = isa or kernels.host_isa()
+        isa, vendor = isa or kernels.host_isa(), vendor or kernels.host_vendor()
     try:
-        tables = load_set(path, isa or "", current_torch, current_hash)
+        tables = load_set(path, isa or "", current_torch, current_hash, vendor)
     except TableError as exc:
         raise UserError(str(exc)) from None
     isa = isa or next(iter(tables.tables.values())).isa  # a file: what it decides on a host of its own class
-    return TableView(tables, isa, threads, set_problems(tables, isa, threads, current_torch, current_hash))
+    return TableView(tables, isa, threads, set_problems(tables, isa, threads, current_torch, current_hash, vendor), vendor)
 
 
 def decide(view: TableView, p: Plan) -> ModelCoverage:
@@ -149,8 +152,9 @@ def print_decisions(r: ModelCoverage, view: TableView, console) -> None:
 
 
 def header_lines(view: TableView) -> list[str]:
-    lines = [f"table {t.path}: {t.isa}, {t.threads} threads, {len(t.entries)} entries; "
-             f"asked for {view.isa} at {view.threads} threads" for t in view.tables.tables.values()]
+    on = f" on {view.vendor} hosts" if view.vendor else ""
+    lines = [f"table {t.path}: {t.isa}{'/' + t.vendor if t.vendor else ''}, {t.threads} threads, {len(t.entries)} entries; "
+             f"asked for {view.isa}{on} at {view.threads} threads" for t in view.tables.tables.values()]
     if view.transfer:
         lines.append(f"thread transfer: no table for {view.threads} threads; thread-independent choices where "
                      f"the {', '.join(map(str, view.tables.tables))}-thread tables agree")
@@ -165,20 +169,20 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         raise UserError("coverage: name one model (zoo id or config.json path) or give --all")
     if args.check_spec and not args.against:
         raise UserError("coverage: --check-spec needs --against OLD (the table set the new one replaces)")
-    view = open_table(args.table, args.threads, args.isa)
+    view = open_table(args.table, args.threads, args.isa, args.vendor)
     models = list(load_zoo().values()) if args.all else [args.model]
     results = [model_coverage(view, m, args.m, args.ops, args.dtype, args.group_size, args.fused) for m in models]
     found = None
     if args.against:
         from farm.zoo import changes
 
-        old_view = open_table(args.against, view.threads, view.isa)
+        old_view = open_table(args.against, view.threads, view.isa, view.vendor)
         old = [model_coverage(old_view, m, args.m, args.ops, args.dtype, args.group_size, args.fused) for m in models]
         found = changes.changes(old, results)
         if args.check_spec:
             changes.write_check_spec(args.check_spec, changes.to_check(found, args.per_change), view, old_view.path)
     if args.json:
-        doc = {"table": view.path, "isa": view.isa, "threads": view.threads, "refused": view.refused,
+        doc = {"table": view.path, "isa": view.isa, "vendor": view.vendor, "threads": view.threads, "refused": view.refused,
                "tables": [t.path for t in view.tables.tables.values()], "transfer": view.transfer,
                "m": args.m, "ops": args.ops, "group_size": args.group_size, "fused": args.fused,
                "models": [r.summary() for r in results], "overall": overall(results)}
