@@ -5,13 +5,16 @@ scikit-learn) from the farm's records, shipped inside the table as plain YAML (n
 pickle), validated on load like every other field, and evaluated here with no dependency. A
 leaf names a candidate only where every training problem that reached it had that candidate
 within noise of its best and none slower than ATen beyond noise; otherwise the leaf is unsure
-(None) and Inductor decides.
+(None) and Inductor decides. A leaf that names another candidate than ATen carries the M range
+of its training problems (`m: [lo, hi]`) and answers only inside it: a tree splits where its
+training problems differ, so a leaf fitted on M=16 reached M=1 too, where that candidate (the
+template splitting M over threads, cpp[tf=2,1,1]) ran int4 decode at 0.60x of the default.
 
     rule:
       features: [log2_m, log2_n, log2_k, int4, act_bytes, log2_group, weight_mib, intensity]
       nodes:                                   # node 0 is the root; children come later
         - {feature: log2_m, threshold: 4.5, left: 1, right: 2}
-        - {leaf: cpp, samples: 6}
+        - {leaf: cpp, samples: 6, m: [1, 16]}  # answers for M 1..16 only
         - {leaf: null, samples: 3}              # unsure
       validation: {...}                        # leave-one-family-out numbers (see the farm)
 """
@@ -41,6 +44,7 @@ class Node:
     left: int = 0
     right: int = 0
     leaf: Candidate | None = None  # a leaf's answer; None with feature None: unsure
+    m_range: tuple[int, int] | None = None  # a leaf's training problems' M range (None: any M)
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,29 @@ def predict(rule: Rule, feats: dict[str, float]) -> tuple[Candidate | None, str]
     while True:
         node = rule.nodes[index]
         if node.feature is None:
-            return node.leaf, " ".join(path) or "root leaf"
+            where = " ".join(path) or "root leaf"
+            if node.leaf is not None and node.m_range is not None and not in_m_range(feats["log2_m"], node.m_range):
+                lo, hi = node.m_range
+                return None, f"{where}: {node.leaf.id} was measured at M {lo}..{hi} only"
+            return node.leaf, where
         go_left = feats[node.feature] <= node.threshold
         path.append(f"{node.feature}{'<=' if go_left else '>'}{node.threshold:g}")
         index = node.left if go_left else node.right
+
+
+def in_m_range(log2_m: float, m_range) -> bool:
+    """Is M (as the log2_m feature) inside a leaf's measured [lo, hi]?"""
+    lo, hi = m_range
+    return math.log2(lo) - 1e-9 <= log2_m <= math.log2(hi) + 1e-9
+
+
+def _m_range(raw, where: str) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or len(raw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in raw)
+            or not 1 <= raw[0] <= raw[1] <= 1 << 20):
+        raise RuleError(f"{where}.m: expected [lo, hi] with 1 <= lo <= hi <= {1 << 20}, got {raw!r}"[:200])
+    return raw[0], raw[1]
 
 
 def _number(raw: dict, name: str, where: str) -> float:
@@ -98,8 +121,9 @@ def _node(raw, where: str, own: int, count: int, threads: int) -> Node:
     if not isinstance(raw, dict):
         raise RuleError(f"{where}: expected a mapping, got {type(raw).__name__}")
     if "leaf" in raw:
-        if set(raw) - {"leaf", "samples"}:
-            raise RuleError(f"{where}: a leaf has only 'leaf' and 'samples', got {sorted(raw)}")
+        if set(raw) - {"leaf", "samples", "m"}:
+            raise RuleError(f"{where}: a leaf has only 'leaf', 'samples' and 'm', got {sorted(raw)}")
+        m_range = _m_range(raw.get("m"), where)
         if raw["leaf"] is None:
             return Node()
         if not isinstance(raw["leaf"], str):
@@ -109,7 +133,7 @@ def _node(raw, where: str, own: int, count: int, threads: int) -> Node:
             check_bounds(candidate, threads)
         except CandidateError as exc:
             raise RuleError(f"{where}.leaf: {exc}") from None
-        return Node(leaf=candidate)
+        return Node(leaf=candidate, m_range=m_range)
     if set(raw) - {"feature", "threshold", "left", "right"}:
         raise RuleError(f"{where}: unknown field(s) {sorted(set(raw) - {'feature', 'threshold', 'left', 'right'})}")
     if raw.get("feature") not in FEATURES:

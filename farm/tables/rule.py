@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from kernels.candidates import AA_CONTROL, ATEN
-from kernels.rule import FEATURES, MAX_DEPTH, features
+from kernels.rule import FEATURES, MAX_DEPTH, features, in_m_range
 
 from farm.measure import stats
 
@@ -40,6 +40,11 @@ DEFAULT_DEPTH = 4
 MIN_SAMPLES_LEAF = 2
 # Held-out families a rule must be validated on before it ships.
 MIN_FAMILIES = 2
+# Problems an op's subtree needs (two families at the zoo's six M buckets): on fewer, a tree
+# memorises one leaf per problem. The AMD AVX512 1-thread records (6 int8, 4 int4 problems)
+# validated such a tree, whose unsure leaves then kept the 1-thread process from the 2-thread
+# decisions that transfer with 0% measured regret.
+MIN_PROBLEMS_PER_OP = 12
 # A leaf names a non-ATen candidate only where it gained at least this much beyond the noise
 # band on every training problem in the leaf. Leave-one-family-out over the AVX512 records
 # (80 problems, 3 families): without the margin, candidates that merely tied in training lost
@@ -164,13 +169,25 @@ def _train_one(samples: list[Sample], depth: int, min_leaf: int) -> list[dict]:
     X = [[s.feats[f] for f in FEATURES] for s in samples]
     labels = training_labels(samples)
     if len(set(labels)) == 1:  # one class: a single leaf, still subject to the safety rule
-        return [{"leaf": _leaf_choice(samples), "samples": len(samples)}]
+        return [_leaf(samples)]
     tree = DecisionTreeClassifier(max_depth=min(depth, MAX_DEPTH), min_samples_leaf=min_leaf, random_state=0)
     tree.fit(X, labels)
     members: dict[int, list[Sample]] = defaultdict(list)
     for sample, leaf in zip(samples, tree.apply(X)):
         members[int(leaf)].append(sample)
     return _export(tree.tree_, members)
+
+
+def _leaf(members: list[Sample]) -> dict:
+    """A leaf node: its choice (kernels/rule.py) and, for a choice other than the default, the
+    M range its training problems span, outside which it answers nothing (the tree may route M=1
+    to a leaf fitted on M=16 alone; what a candidate does with M is what changes most across it)."""
+    choice = _leaf_choice(members) if members else None
+    node = {"leaf": choice, "samples": len(members)}
+    if choice is not None and choice != ATEN:
+        ms = [s.key[2] for s in members]
+        node["m"] = [min(ms), max(ms)]
+    return node
 
 
 def _export(t, members: dict[int, list[Sample]]) -> list[dict]:
@@ -181,7 +198,7 @@ def _export(t, members: dict[int, list[Sample]]) -> list[dict]:
         index = len(nodes)
         nodes.append({})
         if t.children_left[i] == -1:
-            nodes[index] = {"leaf": _leaf_choice(members[i]) if members[i] else None, "samples": len(members[i])}
+            nodes[index] = _leaf(members[i])
             return index
         left, right = visit(int(t.children_left[i])), visit(int(t.children_right[i]))
         nodes[index] = {"feature": FEATURES[int(t.feature[i])], "threshold": round(float(t.threshold[i]), 6),
@@ -193,10 +210,14 @@ def _export(t, members: dict[int, list[Sample]]) -> list[dict]:
 
 
 def _predict(nodes: list[dict], feats: dict[str, float]) -> str | None:
+    """As kernels.rule.predict, on the node list before it is shipped (the leaf's M range included)."""
     i = 0
     while "leaf" not in nodes[i]:
         i = nodes[i]["left"] if feats[nodes[i]["feature"]] <= nodes[i]["threshold"] else nodes[i]["right"]
-    return nodes[i]["leaf"]
+    leaf = nodes[i]
+    if leaf.get("m") and not in_m_range(feats["log2_m"], leaf["m"]):
+        return None
+    return leaf["leaf"]
 
 
 def validate(samples: list[Sample], depth: int | dict[str, int] = DEFAULT_DEPTH,
@@ -281,6 +302,10 @@ def build_rule(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict],
     # sinking the other op's rule.
     depth_of, leaf_of, excluded = {}, {}, []
     for op in sorted({_op(s) for s in samples}):
+        count = sum(1 for s in samples if _op(s) == op)
+        if count < MIN_PROBLEMS_PER_OP:
+            excluded.append(f"{op}: {count} problem(s), a rule needs {MIN_PROBLEMS_PER_OP}")
+            continue
         shape, tried = choose_shape([s for s in samples if _op(s) == op], depths)
         if shape is None:
             excluded.append(f"{op}: " + "; ".join(tried))
