@@ -61,7 +61,37 @@ BAD_RULES = {
     "unreachable node": (_rule([{"leaf": "aten"}, {"leaf": "aten"}]), "not reachable"),
     "no domain": ({**TREE, "domain": []}, "domain: expected a non-empty list"),
     "bad domain": (_rule([{"leaf": "aten"}], domain=(("int3", "bf16"),)), "is not an [op, dtype] pair"),
+    "m range reversed": (_rule([{"leaf": "cpp", "m": [16, 1]}]), "m: expected [lo, hi]"),
+    "m range not ints": (_rule([{"leaf": "cpp", "m": ["1", 16]}]), "m: expected [lo, hi]"),
+    "m range one number": (_rule([{"leaf": "cpp", "m": 16}]), "m: expected [lo, hi]"),
+    "leaf with a split's field": (_rule([{"leaf": "cpp", "threshold": 1}]), "a leaf has only"),
 }
+
+
+def test_a_leaf_answers_only_inside_the_m_range_it_was_trained_on():
+    # One leaf for every M, trained on M 16..32 only: M=1 (where splitting M over threads loses)
+    # and M=512 are outside what was measured, so the rule is unsure there.
+    rule = parse_rule(_rule([{"leaf": "cpp[tf=2,1,1]", "samples": 4, "m": [16, 32]}]), "rule", THREADS)
+    for m, expected in ((1, None), (8, None), (16, parse("cpp[tf=2,1,1]")), (24, parse("cpp[tf=2,1,1]")),
+                        (32, parse("cpp[tf=2,1,1]")), (512, None)):
+        choice, note = predict(rule, features("int8", "bf16", m, 1024, 1024, None))
+        assert choice == expected, m
+        if expected is None:
+            assert "was measured at M 16..32 only" in note
+
+
+def test_training_gives_non_default_leaves_their_m_range_and_validation_applies_it():
+    # cpp wins 20% at M 16 and 32 in both families; M=1 is in no leaf's range, so a tree that
+    # routes it to the cpp leaf still answers nothing for it, in validation as at compile time.
+    samples = [_sample(f, m, n, {"cpp": 1.2}) for f in ("A", "B") for m in (16, 32) for n in (1024, 4096)]
+    nodes = train(samples, depth=2, min_leaf=2)
+    leaves = [n for n in nodes if "leaf" in n]
+    assert leaves and all(n["m"] == [16, 32] for n in leaves if n["leaf"] == "cpp")
+    rule = parse_rule(_rule(nodes), "rule", THREADS)
+    assert predict(rule, features("int8", "bf16", 1, 2048, 2048, None))[0] is None
+    assert predict(rule, features("int8", "bf16", 16, 2048, 2048, None))[0] == parse("cpp")
+    held_out_m1 = samples + [_sample("C", 1, 2048, {"cpp": 0.6})]  # a third family measured at M=1 only
+    assert validate(held_out_m1, depth=2, min_leaf=2)["losses_vs_default"] == 0
 
 
 @pytest.mark.parametrize("name", sorted(BAD_RULES))
@@ -220,6 +250,15 @@ def test_aggregate_ships_a_validated_rule_in_the_table_and_it_loads():
     assert doc["rule"]["domain"] == [["int8", "bf16"]] and rule.covers("int8", "bf16") and not rule.covers("int4", "bf16")
     assert predict(rule, features("int8", "bf16", 4, 3072, 2048, None))[0] == parse("cpp")
     assert predict(rule, features("int8", "bf16", 256, 3072, 2048, None))[0] in (parse("aten"), None)
+
+
+def test_an_op_with_fewer_than_twelve_problems_gets_no_rule():
+    # Two families, but 10 problems: a tree would keep one leaf per problem.
+    widths = {"Llama": (1024, 4096), "Qwen": (1536, 3072, 6144)}
+    records = [_records(f, m, n, 80 if m <= 16 else 104, seed=i)
+               for i, (f, m, n) in enumerate((f, m, n) for f in widths for m in (1, 128) for n in widths[f])]
+    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", "other", 2)]
+    assert doc["rule"] is None and "int8: 10 problem(s), a rule needs 12" in doc["rule_status"]
 
 
 def test_one_family_is_not_enough_to_ship_a_rule():
