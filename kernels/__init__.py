@@ -42,6 +42,7 @@ class InstallResult:
     problems: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)  # the table files loaded (this host's class)
     threads: int | None = None  # this process's thread count at install time
+    vendor: str | None = None  # this host's CPU vendor (kernels.host_vendor), whose tables it may use
     transfer: bool = False  # no table for `threads`: choices transfer from the measured counts
 
 
@@ -174,7 +175,7 @@ def install(path: str | None = None, *, strict: bool = False) -> InstallResult:
         if strict:
             raise
         _warn(str(exc))
-        return InstallResult(False, path, str(exc), problems=[str(exc)], threads=threads)
+        return InstallResult(False, path, str(exc), problems=[str(exc)], threads=threads, vendor=vendor)
     entries = [e for t in tables.tables.values() for e in t.entries.values()]
     stale = sum(e.stale for e in entries)
     if stale:
@@ -187,7 +188,7 @@ def install(path: str | None = None, *, strict: bool = False) -> InstallResult:
     _set_cache_key(digest.hexdigest()[:16])
     lowering.register(TablePolicy(tables))
     return InstallResult(True, path, "", len(entries), stale, tables=files, threads=threads,
-                         transfer=threads not in tables.tables)
+                         transfer=threads not in tables.tables, vendor=vendor)
 
 
 def _set_cache_key(digest: str | None) -> None:

@@ -242,7 +242,8 @@ def test_a_directory_serves_only_its_own_vendors_tables_and_names_what_it_found(
     assert load_set(both, ISA, vendor=here).tables[2].vendor == here  # two vendors at one count: each its own
     legacy = _dir(tmp_path, [table_doc(T2, isa=ISA, threads=2)], name="legacy")  # no vendor: written before them
     assert load_set(legacy, ISA, vendor=here).tables[2].vendor is None
-    assert kernels.install(legacy, strict=True).active
+    result = kernels.install(legacy, strict=True)
+    assert result.active and result.vendor == here
     kernels.uninstall()
 
 
