@@ -112,10 +112,12 @@ class Table:
                 self._families.setdefault(entry.key.family(), []).append(entry)
         return self._families
 
-    def largest_dq_win(self, op: str) -> int:
-        """The largest per-call dense weight of any `op` entry a dq candidate won (0: none)."""
+    def largest_dq_win(self, op: str, max_m: int | None = None) -> int:
+        """The largest per-call dense weight of any `op` entry a dq candidate won (0: none), of
+        entries at M <= max_m only when given (dq gains with M: it amortises one dequantization)."""
         return max((dense_temp_bytes(e.candidate, e.key.dtype, e.key.n, e.key.k) for e in self.entries.values()
-                    if e.key.op == op and e.candidate.kind == DEQUANT and not e.stale), default=0)
+                    if e.key.op == op and e.candidate.kind == DEQUANT and not e.stale
+                    and (max_m is None or e.key.m <= max_m)), default=0)
 
 
 def _need(mapping: dict, name: str, kind, where: str, optional: bool = False):
@@ -453,6 +455,14 @@ def lookup_set(tables: TableSet, threads: int, op: str, dtype: str, m: int | Non
         lent, lent_source, lent_note = transfer(others, op, dtype, m, n, k, group_size)
         if lent is None:
             return choice, source, note
+        if lent.kind == DEQUANT:
+            # Whether dq wins depends on the thread count (measured on the AMD EPYC: int8 M=32
+            # 4096x4096 dq 1.51x at 2 threads, 0.59x at 1), so a lent dq needs this count's own
+            # records to have seen dq win at least as large a dense weight at no larger M.
+            temp, measured = dense_temp_bytes(lent, dtype, n, k), own.largest_dq_win(op, m) if m is not None else 0
+            if temp > measured:
+                return choice, source, (f"{note}; the other counts agree on {lent.id}, but at {threads} threads no {op} dq "
+                                        f"winner at M<={m} was measured with a dense weight of {temp >> 20} MiB or more")
         return lent, lent_source, f"the {threads}-thread table decides nothing here ({note}); {lent_note}"
     closed = tables.transfer_closed()
     if closed:

@@ -120,6 +120,17 @@ def test_a_measured_thread_count_uses_its_own_table_and_borrows_only_for_shapes_
     assert _ask(load_set(_dir(tmp_path, closed, "closed"), ISA), 2, 32, 128, 256)[:2] == (None, "inductor")
 
 
+def test_a_lent_dq_needs_a_dq_win_of_that_dense_size_at_no_larger_m_at_the_borrowing_count(tmp_path):
+    # Measured on the AMD EPYC: int8 M=32 4096x4096 dq 1.51x at 2 threads, 0.59x at 1 thread.
+    # The 1-thread table saw dq win at M=128 on 4096x4096-sized weights, at M=32 only on small ones.
+    t1 = table_doc([_e(32, 256, 256, "dq"), _e(128, 2048, 8192, "dq")], isa=ISA, threads=1, transfer=[_transfer(2)])
+    t2 = table_doc([_e(32, 4096, 4096, "dq"), _e(128, 4096, 4096, "dq")], isa=ISA, threads=2, transfer=[_transfer(1)])
+    tables = load_set(_dir(tmp_path, [t1, t2]), ISA)
+    choice, source, note = _ask(tables, 1, 32, 4096, 4096)
+    assert (choice, source) == (None, "inductor") and "no int8 dq winner at M<=32 was measured" in note
+    assert _ask(tables, 1, 128, 4096, 4096)[:2] == ("dq", "table:transfer")
+
+
 def _rule(leaf):
     return {"features": ["log2_m", "log2_n", "log2_k", "int4", "act_bytes", "log2_group", "weight_mib", "intensity"],
             "nodes": [{"leaf": leaf, "samples": 3}], "domain": [["int8", "bf16"]], "validation": {}}
