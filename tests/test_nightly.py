@@ -117,14 +117,14 @@ def test_a_slow_shipped_winner_is_a_significant_regression_with_its_exit_code(fi
 def test_report_plots_show_the_tables_speedups(first_night):
     base, _ = first_night
     new = yaml.safe_load(open(_native_table(base / "n1" / "tables")))
-    data = read_plot_data(str(base / "n1" / "plots" / f"{NATIVE}-t2-speedup.png"))
+    data = read_plot_data(str(base / "n1" / "plots" / f"{NATIVE}-{kernels.host_vendor()}-t2-speedup.png"))
     from farm.tables.diff import key_text
 
     expected = {key_text(e["key"]): round(e["speedup_vs_aten"], 4) for e in new["entries"]}
     assert dict(zip(data["keys"], data["new"])) == expected
     from PIL import Image
 
-    with Image.open(base / "n1" / "plots" / f"{NATIVE}-t2-speedup.png") as image:
+    with Image.open(base / "n1" / "plots" / f"{NATIVE}-{kernels.host_vendor()}-t2-speedup.png") as image:
         dark = sum(image.convert("L").histogram()[:200])
         assert image.size[0] > 300 and dark > 2000  # real drawing, not a blank canvas
 

@@ -67,7 +67,7 @@ def test_smoke_sized_sweep_places_every_task_on_its_class_and_writes_every_table
     for r in records:
         assert r["host"]["emulated"] is (r["host"]["isa"] != NATIVE)
         assert r["node"]["aten_env"] == ("avx2" if r["host"]["emulated"] else None)
-    assert set(result.tables) == {(isa, 2) for isa in SERVED}
+    assert set(result.tables) == {(isa, kernels.host_vendor(), 2) for isa in SERVED}
     for path in result.tables.values():
         assert os.path.exists(path)
     # A second sweep finds every row fresh and measures nothing.
@@ -219,7 +219,7 @@ def test_skip_missing_measures_the_served_classes_and_names_the_skipped_one(mixe
     result = run(spec_doc=spec, address=mixed_cluster["address"], store_path=str(tmp_path / "s.db"),
                  out=str(tmp_path / "t"), skip_missing=True)
     assert result.skipped_classes == {MISSING: 1} and result.measured == 1 and result.failed == []
-    assert set(result.tables) == {(NATIVE, 2)}
+    assert set(result.tables) == {(NATIVE, kernels.host_vendor(), 2)}
 
 
 @pytest.mark.slow
