@@ -459,10 +459,12 @@ def lookup_set(tables: TableSet, threads: int, op: str, dtype: str, m: int | Non
             # Whether dq wins depends on the thread count (measured on the AMD EPYC: int8 M=32
             # 4096x4096 dq 1.51x at 2 threads, 0.59x at 1), so a lent dq needs this count's own
             # records to have seen dq win at least as large a dense weight at no larger M.
+            # A dynamic M has no bound to compare with: nothing lent.
             temp, measured = dense_temp_bytes(lent, dtype, n, k), own.largest_dq_win(op, m) if m is not None else 0
             if temp > measured:
+                at = f"at M<={m}" if m is not None else "for a dynamic M"
                 return choice, source, (f"{note}; the other counts agree on {lent.id}, but at {threads} threads no {op} dq "
-                                        f"winner at M<={m} was measured with a dense weight of {temp >> 20} MiB or more")
+                                        f"winner {at} was measured with a dense weight of {temp >> 20} MiB or more")
         return lent, lent_source, f"the {threads}-thread table decides nothing here ({note}); {lent_note}"
     closed = tables.transfer_closed()
     if closed:

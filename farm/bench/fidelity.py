@@ -200,19 +200,20 @@ def time_delivered(problem, table: str, protocol) -> dict:
 
 def _tables_by_weights(records: list[dict], workdir: str) -> dict[tuple[str, str, int], tuple[str, dict]]:
     """(weights, isa, threads) -> (path, document): the runs' records aggregated into tables, one
-    per weight state, so that each key is compiled with the winner of its own weight state."""
+    per weight state, so that each key is compiled with the winner of its own weight state.
+    Only this host's vendor's tables: the delivered speedups are timed here."""
+    import kernels
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
     from farm.tables.aggregate import aggregate
 
-    import kernels
-
+    here = kernels.host_vendor()
     out = {}
     for weights in sorted({r["problem"]["weights"] for r in records}):
         result = aggregate([r for r in records if r["problem"]["weights"] == weights], torch_version(), template_hash())
         for (isa, vendor, threads), doc in result.tables.items():
-            if vendor != kernels.host_vendor():  # delivered speedups are timed here, with this host's tables
+            if vendor != here:
                 continue
             path = os.path.join(workdir, f"{weights}-{isa}-{vendor}-t{threads}.yaml")
             dump(doc, path)

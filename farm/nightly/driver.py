@@ -319,7 +319,7 @@ def run(spec_path: str | None = None, *, spec_doc: dict | None = None, tables_di
         for table_key in sorted(paths):
             isa, table_vendor, threads = table_key
             # A vendor's first table grows from the one written before tables had a vendor.
-            shipped_doc = shipped.get(table_key) or (shipped_for(shipped, *table_key) if table_key in new_tables else None)
+            shipped_doc = shipped_for(shipped, *table_key) if table_key in new_tables else shipped[table_key]
             measured_keys = {tuple(sorted(e["key"].items())) for e in new_tables.get(table_key, {}).get("entries", [])}
             merged = merge(shipped_doc, new_tables.get(table_key), measured_keys)
             if merged is None:

@@ -19,7 +19,7 @@ def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | N
     from kernels.provenance import template_hash, torch_version
     from kernels.table import dump
 
-    from farm.tables.aggregate import aggregate, table_paths
+    from farm.tables.aggregate import aggregate, table_name, table_paths
     from farm.measure.store import read_records
 
     if not paths and not store:
@@ -42,7 +42,8 @@ def run_aggregate(paths: list[str], store: str | None, out: str, run_id: str | N
         print(f"emulated vs native winners on the same keys: {agree} of {len(result.agreement)} agree")
         for row in result.agreement:
             if not row["agree"]:
-                print(f"  {row['isa']}/{row['vendor']}/{row['threads']}t {row['key']}: native {row['native']}, emulated {row['emulated']}")
+                print(f"  {table_name((row['isa'], row['vendor'], row['threads']))} {row['key']}: native {row['native']}, "
+                      f"emulated {row['emulated']}")
     if result.stale:
         print(f"left out {result.stale} stale record(s)")
     return written
