@@ -441,20 +441,24 @@ def set_problems(tables: TableSet, isa: str, threads: int, torch_version: str, t
 def lookup_set(tables: TableSet, threads: int, op: str, dtype: str, m: int | None, n: int, k: int,
                group_size: int | None) -> tuple[Candidate | None, str, str]:
     """The table of this thread count answers as lookup() does; without one, thread transfer.
-    Where this count's table has nothing to say about the shape (no entry of it at any M and no
-    rule for the op: a sparse table), the other counts may lend their agreed choice on the same
-    terms as to an unmeasured count, the gate being the measured transfer regret between the
-    counts. Entries of the shape or an unsure rule at this count are evidence, so they stand."""
+    Where this count's table has nothing to say about the key (no entry at this M, none at
+    another M that may serve it, and no rule for the op: a sparse table), the other counts may
+    lend their agreed choice on the same terms as to an unmeasured count, the gate being the
+    measured transfer regret between the counts. An entry at this M, the M buckets of a dynamic
+    M, or an unsure rule at this count are evidence, so they stand; an entry at another M that
+    may not serve this one says nothing about it."""
     own = tables.tables.get(threads)
     if own is not None:
         choice, source, note = lookup(own, op, dtype, m, n, k, group_size)
         others = [t for t in tables.tables.values() if t.threads != threads]
-        silent = not own.families().get((op, dtype, n, k, group_size)) and not (own.rule and own.rule.covers(op, dtype))
+        measured_here = (own.families().get((op, dtype, n, k, group_size)) if m is None
+                         else EntryKey(op, dtype, m, n, k, group_size) in own.entries)
+        silent = not measured_here and not (own.rule and own.rule.covers(op, dtype))
         if choice is not None or not silent or not others or tables.transfer_closed():
             return choice, source, note
         lent, lent_source, lent_note = transfer(others, op, dtype, m, n, k, group_size)
         if lent is None:
-            return choice, source, note
+            return choice, source, f"{note}; nothing lent: {lent_note}"
         if lent.kind == DEQUANT:
             # Whether dq wins depends on the thread count (measured on the AMD EPYC: int8 M=32
             # 4096x4096 dq 1.51x at 2 threads, 0.59x at 1), so a lent dq needs this count's own

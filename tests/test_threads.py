@@ -103,15 +103,20 @@ def test_transfer_answers_only_with_agreed_thread_independent_choices(tmp_path):
     assert lookup_set(tables, 3, "int8", "bf16", None, 256, 256, None)[:2] == (None, "inductor")  # static blocking
 
 
-def test_a_measured_thread_count_uses_its_own_table_and_borrows_only_for_shapes_it_never_saw(tmp_path):
+def test_a_measured_thread_count_uses_its_own_table_and_borrows_only_where_it_has_nothing_to_say(tmp_path):
     tables = load_set(_dir(tmp_path, _pair()), ISA)
     assert _ask(tables, 2, 64, 256, 512)[:2] == ("cpp[tf=2,1,1]", "table")
     assert _ask(tables, 1, 32, 512, 256)[:2] == ("cpp", "table")
-    assert _ask(tables, 2, 32, 2048, 256)[:2] == (None, "inductor")  # nearest not safe at 2 threads: kept
     # No 2-thread entry of 128x256 at any M and no rule: the 1-thread entry is lent, gate open.
     choice, source, note = _ask(tables, 2, 32, 128, 256)
     assert (choice, source) == ("aten", "table:transfer") and "the 2-thread table decides nothing here" in note
-    assert _ask(tables, 2, 32, 256, 512)[:2] == (None, "inductor")  # a 2-thread entry of the shape (M=64) stands
+    # The 2-thread M=16 entry of 2048x256 may not serve M=32, so it says nothing about M=32: the
+    # 1-thread nearest-M entry (safe between its M 16 and 64) is lent.
+    choice, source, note = _ask(tables, 2, 32, 2048, 256)
+    assert (choice, source) == ("cpp", "table:transfer") and "M=16 entry is not safe for other M" in note
+    # Lending stays on the transfer's terms: the 1-thread M=32 entry of 256x512 has thread factors.
+    choice, source, note = _ask(tables, 2, 32, 256, 512)
+    assert (choice, source) == (None, "inductor") and "nothing lent" in note and "depends on the thread count" in note
     # A rule at 2 threads covering the op is evidence: unsure there means Inductor, nothing lent.
     unsure = _pair(t2=table_doc(T2, isa=ISA, threads=2, transfer=[_transfer(1)], rule=_rule(None)))
     assert _ask(load_set(_dir(tmp_path, unsure, "unsure"), ISA), 2, 32, 128, 256)[:2] == (None, "inductor")
