@@ -261,6 +261,20 @@ def test_an_op_with_fewer_than_twelve_problems_gets_no_rule():
     assert doc["rule"] is None and "int8: 10 problem(s), a rule needs 12" in doc["rule_status"]
 
 
+def test_an_op_whose_subtree_captured_too_little_of_the_held_out_gain_gets_no_rule(monkeypatch):
+    # The data of the validated rule above, with the bar set past what any subtree can capture:
+    # the op leaves the rule (a weak subtree's unsure leaves would block lending at its count).
+    import farm.tables.rule as rule_module
+
+    widths = {"Llama": (1024, 2048, 4096), "Qwen": (1536, 3072, 6144)}
+    records = [_records(f, m, n, 80 if m <= 16 else 104, seed=i)
+               for i, (f, m, n) in enumerate((f, m, n) for f in widths for m in (1, 16, 128, 512) for n in widths[f])]
+    monkeypatch.setattr(rule_module, "MIN_GAIN_CAPTURED", 1.01)
+    doc = aggregate(records, torch_version(), template_hash(), resamples=200).tables[("avx2", "other", 2)]
+    assert doc["rule"] is None
+    assert "int8: its best subtree" in doc["rule_status"] and "a rule needs 101%" in doc["rule_status"]
+
+
 def test_one_family_is_not_enough_to_ship_a_rule():
     records = [_records("Llama", m, 2048, 80, seed=m) for m in (1, 16, 128)]
     result = aggregate(records, torch_version(), template_hash(), resamples=200)
