@@ -355,7 +355,7 @@ def test_each_op_ships_the_tree_shape_that_captured_most_held_out_gain_without_a
     samples = [_sample(f, m, n, {"cpp": 1.3}) for f in ("A", "B", "C") for m in (1, 4) for n in (1024, 2048, 4096)]
     samples += [_sample(f, m, n, {"cpp": 1.4 if n <= limit else 0.8}) for f, limit in (("A", 2048), ("B", 4096), ("C", 1024))
                 for m in (128, 512) for n in (1024, 2048, 4096)]
-    (depth, min_leaf), _ = choose_shape(samples)
+    (depth, min_leaf), _, _ = choose_shape(samples)
     chosen = validate(samples, depth, min_leaf)
     assert chosen["losses_vs_default"] == 0
     for d in DEPTHS:

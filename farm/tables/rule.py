@@ -265,10 +265,11 @@ def validate(samples: list[Sample], depth: int | dict[str, int] = DEFAULT_DEPTH,
     }
 
 
-def choose_shape(samples: list[Sample], depths: tuple[int, ...] = DEPTHS) -> tuple[tuple[int, int] | None, list[str]]:
-    """((depth, smallest leaf) of one op's subtree, or None; why the others failed): of the
-    shapes with no held-out loss that decide something, the one capturing the most held-out
-    gain (then deciding the most, then the deeper and the finer)."""
+def choose_shape(samples: list[Sample], depths: tuple[int, ...] = DEPTHS
+                 ) -> tuple[tuple[int, int] | None, list[str], dict | None]:
+    """((depth, smallest leaf) of one op's subtree, or None; why the others failed; the chosen
+    shape's held-out validation): of the shapes with no held-out loss that decide something, the
+    one capturing the most held-out gain (then deciding the most, then the deeper and the finer)."""
     best, tried = None, []
     for depth in depths:
         for min_leaf in MIN_LEAVES:
@@ -276,11 +277,11 @@ def choose_shape(samples: list[Sample], depths: tuple[int, ...] = DEPTHS) -> tup
             if v["losses_vs_default"] == 0 and v["decided"]:
                 score = (v["gain_captured"] or 0.0, v["decided"], depth, -min_leaf)
                 if best is None or score > best[0]:
-                    best = (score, (depth, min_leaf))
+                    best = (score, (depth, min_leaf), v)
             elif min_leaf == MIN_SAMPLES_LEAF:
                 tried.append(f"depth {depth}: {v['losses_vs_default']} held-out loss(es), {v['decided']} decided"
                              + (f" ({v['loss_detail'][0]})" if v["loss_detail"] else ""))
-    return (best[1] if best else None), tried
+    return (best[1], tried, best[2]) if best else (None, tried, None)
 
 
 def build_rule(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict],
@@ -313,11 +314,11 @@ def build_rule(by_key: dict[tuple, list[dict]], combined: dict[tuple, dict],
             excluded.append(f"{op}: {count} problem(s), a rule needs {MIN_PROBLEMS_PER_OP}")
             continue
         op_samples = [s for s in samples if _op(s) == op]
-        shape, tried = choose_shape(op_samples, depths)
+        shape, tried, held_out = choose_shape(op_samples, depths)
         if shape is None:
             excluded.append(f"{op}: " + "; ".join(tried))
             continue
-        captured = validate(op_samples, *shape)["gain_captured"]
+        captured = held_out["gain_captured"]
         if captured is not None and captured < MIN_GAIN_CAPTURED:
             excluded.append(f"{op}: its best subtree (depth {shape[0]}, leaves >= {shape[1]}) captured "
                             f"{100 * captured:.0f}% of the held-out gain, a rule needs {100 * MIN_GAIN_CAPTURED:.0f}%")
