@@ -15,6 +15,20 @@ def _interval(pair, spec: str = ".1f") -> str:
     return "-" if not pair else f"[{format(pair[0], spec)}, {format(pair[1], spec)}]"
 
 
+def _contention(worker: dict) -> str:
+    """Per process, the CPU time other work took from its timing (x: not used)."""
+    def lost(figures: dict | None) -> float | None:  # farm.measure.contention.lost_share, read back
+        if not figures or figures.get("runqueue_wait") is None:
+            return None
+        return figures["runqueue_wait"] + (figures.get("steal") or 0.0)
+
+    shares = [(lost(p.get("contention")), p.get("used", True)) for p in worker.get("per_process", [])]
+    if not any(share is not None for share, _ in shares):
+        return ""
+    return "; CPU time lost to other work per process: " + ", ".join(
+        ("?" if share is None else f"{share:.1%}") + ("" if used else " (x)") for share, used in shares)
+
+
 def record_table(record: dict) -> Table:
     p, host = record["problem"], record["host"]
     group = f" group={p['group_size']}" if p["group_size"] else ""
@@ -34,7 +48,8 @@ def record_table(record: dict) -> Table:
                       _fmt(c.get("faults_per_call"), ".0f"), note)
     noise = record["noise"]
     table.caption = (f"winner: {escape(str(record['winner']))} ({escape(record['winner_rule'])}); A/A noise band ±{noise['band']:.3f}; "
-                     f"{record['protocol']['rounds']} rounds; worker wall {record['worker']['wall_s']:.1f} s")
+                     f"{record['protocol']['rounds']} rounds; worker wall {record['worker']['wall_s']:.1f} s"
+                     + _contention(record["worker"]))
     table.caption_justify = "left"
     return table
 

@@ -32,8 +32,13 @@ def test_bench_kernels_has_all_four_variants_checked(table):
     assert row["table_choice"] == ["cpp"]  # the table's winner really was compiled
     assert row["oracle"]["id"] in row["candidates"]
     assert row["variants"]["default"]["speedup_vs_default"] == 1.0
+    assert row["oracle_vs_max_autotune_ci95"][0] <= row["oracle_vs_max_autotune"] <= row["oracle_vs_max_autotune_ci95"][1]
     summary = summarize([row])
     assert summary["problems"] == 1 and 0 <= summary["share_within_noise_of_oracle"] <= 1
+    assert summary["geomean_oracle_vs_max_autotune"] == pytest.approx(row["oracle_vs_max_autotune"])
+    assert "by_group" not in summary  # one op and M
+    other = {**row, "problem": {**row["problem"], "m": 128}}
+    assert list(summarize([other, row])["by_group"]) == ["int8 M=8", "int8 M=128"]
 
 
 def test_bench_roofline_reports_bandwidth_peak_and_efficiencies(table):

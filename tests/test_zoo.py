@@ -193,3 +193,38 @@ def test_coverage_against_an_old_table_lists_each_change_and_writes_a_check_spec
     assert {t.problem.threads for t in checked.tasks} == {2} and checked.isa == ["avx512"]
     assert main(["coverage", config, "--table", old, "--check-spec", str(spec)]) == 2
     assert "--check-spec needs --against" in capsys.readouterr().err
+
+
+def test_sample_spec_draws_distinct_zoo_problems_per_op_and_m_weighted_by_use(tmp_path, capsys):
+    from farm.zoo.sample import draw
+
+    view = open_table(_table(tmp_path), threads=2)
+    results = [model_coverage(view, m, [1, 128], ["int8"]) for m in load_zoo().values()]
+    uses = {}
+    for r in results:
+        for d in r.decisions:
+            uses.setdefault((d.m, d.n, d.k), []).append(r.model)
+    strata = draw(results, 3, seed=1, max_weights=20_000_000)
+    assert [(s.op, s.m) for s in strata] == [("int8", 1), ("int8", 128)]
+    for s in strata:
+        keys = [(d.key.m, d.key.n, d.key.k) for d in s.drawn]
+        assert len(keys) == 3 and len(set(keys)) == 3 and all(d.key.m == s.m for d in s.drawn)
+        assert all(d.key.n * d.key.k <= 20_000_000 and d.matmuls == len(uses[k]) for d, k in zip(s.drawn, keys))
+        assert s.matmuls == sum(len(v) for k, v in uses.items() if k[0] == s.m)
+        assert s.left_out == sum(len(v) for k, v in uses.items() if k[0] == s.m and k[1] * k[2] > 20_000_000) > 0
+    assert draw(results, 3, seed=1, max_weights=20_000_000) == strata  # a seed gives the same draw
+    # Weighted by use: over many seeds, the most-used problem is drawn first more often than one used once.
+    firsts = [draw(results, 1, seed=s)[0].drawn[0] for s in range(200)]
+    most_used = max((k for k in uses if k[0] == 1), key=lambda k: len(uses[k]))
+    once = [k for k in uses if k[0] == 1 and len(uses[k]) == 1]
+    hits = lambda k: sum((d.key.m, d.key.n, d.key.k) == k for d in firsts)  # noqa: E731
+    assert hits(most_used) > max(hits(k) for k in once)
+    spec = tmp_path / "sample.yaml"
+    assert main(["coverage", "--all", "--table", _table(tmp_path), "--threads", "2", "--m", "1", "128", "--ops", "int8",
+                 "--sample-spec", str(spec), "--sample", "2", "--sample-max-weights", "20"]) == 0
+    text = spec.read_text()
+    assert "int8 M=1: 2 drawn of" in text and "above the weight cap, left out" in text
+    checked = parse_spec(yaml.safe_load(text))
+    assert sorted(t.problem.m for t in checked.tasks) == [1, 1, 128, 128]
+    assert {t.problem.threads for t in checked.tasks} == {2}
+    assert main(["coverage", "--all", "--table", _table(tmp_path), "--sample-spec", str(spec), "--sample", "0"]) == 2

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateError, parse, small_m_int8_path, space
 
+from farm.measure import contention
 from farm.measure import faults as fault_mod
 from farm.errors import UserError
 from farm.measure.host import EMULATION_BLIND_SPOT, EMULATION_ENV, ISA_CLASSES, can_run, native_isa, runnable
@@ -39,6 +40,7 @@ class Attempt:
     samples: dict[str, list[float]] = field(default_factory=dict)
     iters: dict[str, int] = field(default_factory=dict)
     page_faults: dict[str, float] = field(default_factory=dict)  # minor page faults per timed call
+    contention: dict | None = None  # farm.measure.contention.shares over the timed window
     timing_s: float = 0.0
     outcome: str = "done"  # done | crash | timeout
     culprit: str | None = None
@@ -182,6 +184,7 @@ def _apply_event(attempt: Attempt, event: dict, current: str | None) -> str | No
     elif kind == "timed":
         attempt.samples, attempt.iters, attempt.timing_s = event["samples"], event["iters"], event["timing_s"]
         attempt.page_faults = event.get("page_faults", {})
+        attempt.contention = event.get("contention")
         return None
     return current
 
@@ -219,6 +222,12 @@ class ProcessRun:
     compile_s: float
     host: dict | None
     page_faults: dict[str, float] = field(default_factory=dict)  # minor page faults per timed call
+    contention: dict | None = None
+
+    def disturbed(self, protocol: Protocol) -> bool:
+        """Other work took more than protocol.max_contention of the CPU time this timing was owed."""
+        lost = contention.lost_share(self.contention)
+        return lost is not None and lost > protocol.max_contention
 
 
 def _job(problem: Problem, protocol: Protocol, isa: str | None, owed: list[str], cache_root: str,
@@ -269,7 +278,7 @@ def _run_process(index: int, owed: list[str], final: dict[str, dict], problem: P
     compile_s = sum((r.get("compile_s") or 0.0) for a in attempts for r in a.compiled.values())
     host = next((a.host for a in reversed(attempts) if a.host), None)
     return ProcessRun(last.samples, last.iters, last.timing_s, sum(a.wall_s for a in attempts), len(attempts),
-                      compile_s, host, last.page_faults)
+                      compile_s, host, last.page_faults, last.contention)
 
 
 def _control_off(runs: list[ProcessRun], tolerance: float) -> bool:
@@ -288,7 +297,10 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
             only: list[str] | None = None, faults: list[str] | None = None, workdir: str | None = None,
             extra: list[str] | None = None) -> dict:
     """Measure all candidates of `problem` in protocol.processes independent worker processes
-    (the A/A gate may add protocol.aa_extra_processes); returns the record (farm.measure.record)."""
+    (the A/A gate may add protocol.aa_extra_processes); returns the record (farm.measure.record).
+    A process whose timing lost more than protocol.max_contention of its CPU time to other work
+    is replaced by another (up to protocol.contention_extra_processes) and its samples are not
+    used; where too few undisturbed processes remain, the record is unreliable."""
     protocol = protocol or Protocol()
     validate(problem)
     check_isa(isa)
@@ -297,24 +309,38 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
     workdir = workdir or tempfile.mkdtemp(prefix="farm-measure-")
     start = time.perf_counter()
     runs = [_run_process(0, [cid for cid in ids if cid not in final], final, problem, protocol, isa, workdir)]
-    wanted = protocol.processes
-    while len(runs) < wanted + protocol.aa_extra_processes:
-        if len(runs) >= wanted and not _control_off(runs, protocol.aa_tolerance):
-            break  # the gate's second step: another process only while the control is off
+    aa_extra = 0
+    while True:
         ok = [cid for cid in ids if final.get(cid, {}).get("status") == "ok"]
+        clean = [r for r in runs if not r.disturbed(protocol)]
         if not ok:
+            break
+        if len(clean) < protocol.processes:
+            if len(runs) >= protocol.processes + protocol.contention_extra_processes:
+                break  # the host stays busy: the record says so below
+        elif aa_extra < protocol.aa_extra_processes and _control_off(clean, protocol.aa_tolerance):
+            aa_extra += 1  # the gate's second step: another process only while the control is off
+        else:
             break
         runs.append(_run_process(len(runs), ok, final, problem, protocol, isa, workdir))
     host = next((r.host for r in runs if r.host), None)
     # attempts: workers started until every candidate was compiled and timed once (the first process).
     attempts, repeat_attempts = runs[0].attempts, sum(r.attempts for r in runs[1:])
-    runs = [r for r in runs if r.samples]  # a process whose candidates all failed timed nothing
-    worker = {"attempts": attempts, "processes": len(runs), "repeat_attempts": repeat_attempts,
+    timed = [r for r in runs if r.samples]  # a process whose candidates all failed timed nothing
+    used = [r for r in timed if not r.disturbed(protocol)]
+    busy = None
+    if len(used) < min(protocol.processes, len(timed)):
+        busy = (f"host contention: other work took more than {protocol.max_contention:.0%} of the CPU time owed to "
+                f"the timing in {len(timed) - len(used)} of {len(timed)} processes")
+        used = timed  # nothing better to report; the record is unreliable
+    worker = {"attempts": attempts, "processes": len(used), "repeat_attempts": repeat_attempts,
               "wall_s": time.perf_counter() - start, "worker_wall_s": sum(r.wall_s for r in runs),
               "timing_s": sum(r.timing_s for r in runs),
               "compile_s": sum((r.get("compile_s") or 0.0) for r in final.values()),
               "repeat_compile_s": sum(r.compile_s for r in runs[1:]),
+              "contention_how": contention.HOW,
               "per_process": [{"wall_s": r.wall_s, "timing_s": r.timing_s, "compile_s": r.compile_s,
-                               "attempts": r.attempts} for r in runs]}
-    return build_record(host, problem, ids, final, [r.samples for r in runs], runs[-1].iters if runs else {},
-                        protocol, worker, [r.page_faults for r in runs])
+                               "attempts": r.attempts, "contention": r.contention, "used": r in used}
+                              for r in timed]}
+    return build_record(host, problem, ids, final, [r.samples for r in used], used[-1].iters if used else {},
+                        protocol, worker, [r.page_faults for r in used], busy)

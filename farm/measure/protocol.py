@@ -35,6 +35,11 @@ class Protocol:
     aa_tolerance: float = 0.02
     # Extra processes the A/A gate may add after the rounds of every process are spent.
     aa_extra_processes: int = 1
+    # A process whose timing lost more than this share of its owed CPU time to other work (run-queue
+    # wait plus steal, farm.measure.contention) is disturbed: its samples are not used and another
+    # process replaces it, at most contention_extra_processes times; then the record is unreliable.
+    max_contention: float = 0.05
+    contention_extra_processes: int = 2
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,8 +61,13 @@ class Protocol:
                 raise UserError(f"{where}.{name}: must be a positive number, got {value!r}")
         if not isinstance(proto.processes, int) or isinstance(proto.processes, bool) or proto.processes < 1:
             raise UserError(f"{where}.processes: must be a positive integer, got {proto.processes!r}")
-        if not isinstance(proto.aa_extra_processes, int) or proto.aa_extra_processes < 0:
-            raise UserError(f"{where}.aa_extra_processes: must be an integer >= 0, got {proto.aa_extra_processes!r}")
+        for name in ("aa_extra_processes", "contention_extra_processes"):
+            value = getattr(proto, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(f"{where}.{name}: must be an integer >= 0, got {value!r}")
+        if (not isinstance(proto.max_contention, (int, float)) or isinstance(proto.max_contention, bool)
+                or not 0 < proto.max_contention <= 1):
+            raise UserError(f"{where}.max_contention: must be a share in (0, 1], got {proto.max_contention!r}")
         if not isinstance(proto.aa_tolerance, (int, float)) or isinstance(proto.aa_tolerance, bool) or proto.aa_tolerance < 0:
             raise UserError(f"{where}.aa_tolerance: must be a number >= 0, got {proto.aa_tolerance!r}")
         if proto.max_rounds < proto.min_rounds:

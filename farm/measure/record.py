@@ -7,7 +7,10 @@ Record format history (RECORD_SCHEMA_VERSION):
      unreliable and unreliable_reason (the A/A gate), candidates[].faults_per_call and
      candidates[].per_process[].faults_per_call (minor page faults per timed kernel call; records
      before 2026-11-28 lack them), host.vendor (intel, amd, other; earlier records' vendor is
-     read from host.cpu, farm.measure.host.record_vendor). A record without per_process is one process.
+     read from host.cpu, farm.measure.host.record_vendor), worker.per_process[].contention and .used
+     (the CPU time other work took from each process's timing; a disturbed process's samples are not
+     used; records before 2026-11-28's thirteenth session lack them). A record without per_process
+     is one process.
      Pooling (the nightly's races) reads a stored record's processes back (process_samples) and
      pools only records that poolable() accepts; the records stay as measured, never rewritten.
 """
@@ -231,9 +234,10 @@ def _process_noise(processes: list[Samples], resamples: int) -> list[dict]:
 
 def build_record(host: dict | None, problem: Problem, ids: list[str], final: dict[str, dict],
                  samples: Samples | list[Samples], iters: dict[str, int], protocol: Protocol, worker: dict,
-                 page_faults: list[dict[str, float]] | None = None) -> dict:
+                 page_faults: list[dict[str, float]] | None = None, contended: str | None = None) -> dict:
     """The record of one problem; `samples` is one process's samples or a list, one per process;
-    `page_faults`, per process, each candidate's minor page faults per timed call."""
+    `page_faults`, per process, each candidate's minor page faults per timed call; `contended`, why
+    the host's other work makes the record unreliable (None: it did not)."""
     processes = samples if isinstance(samples, list) else [samples]
     entries = [_candidate_entry(cid, final.get(cid, {"status": "crash", "error": "no result"}), processes, iters,
                                 protocol.bootstrap_resamples, page_faults or []) for cid in ids]
@@ -242,7 +246,7 @@ def build_record(host: dict | None, problem: Problem, ids: list[str], final: dic
     control = next((e for e in entries if e["id"] == AA_CONTROL and e["speedup_ci95"]), None)
     band = stats.noise_band(tuple(control["speedup_ci95"]), control["speedup_vs_aten"]) if control else 0.0
     noise_rows = _process_noise(processes, protocol.bootstrap_resamples)
-    unreliable = aa_gate(control, protocol.aa_tolerance)
+    unreliable = "; ".join(r for r in (contended, aa_gate(control, protocol.aa_tolerance)) if r) or None
     winner, runner_up, rule = choose_winner(entries, band, [process_offset(r) for r in noise_rows], unreliable)
     rounds_each = [r["rounds"] for r in noise_rows]
     rounds = sum(rounds_each)

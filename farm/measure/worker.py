@@ -53,7 +53,7 @@ def run(job: dict, emit) -> None:
 
     from kernels.candidates import ATEN, parse
 
-    from farm.measure import faults
+    from farm.measure import contention, faults
     from farm.measure.compiled import TOLERANCE, compile_candidate, graphs_compiled, relative_error
     from farm.measure.host import apply_emulation, profile
     from farm.measure.problem import Problem, make_operands, stack_size
@@ -100,12 +100,14 @@ def run(job: dict, emit) -> None:
         emit(**result)
 
     flush = make_flush(host.l3_bytes) if problem.flushed else None
-    start, graphs_before = time.perf_counter(), graphs_compiled()
+    start, graphs_before, before = time.perf_counter(), graphs_compiled(), contention.snapshot()
     with torch.no_grad():
         samples, iters, page_faults = run_rounds(fns, operands.x, protocol, emit, flush, stack_size(problem))
+    lost = contention.shares(before, contention.snapshot(), problem.threads)
     if graphs_compiled() != graphs_before:
         raise RuntimeError("a graph was compiled while timing: some callable did not run its own kernel")
-    emit(ev="timed", samples=samples, iters=iters, page_faults=page_faults, timing_s=time.perf_counter() - start)
+    emit(ev="timed", samples=samples, iters=iters, page_faults=page_faults, timing_s=time.perf_counter() - start,
+         contention=lost)
 
 
 def _unnice() -> None:

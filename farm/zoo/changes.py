@@ -106,12 +106,11 @@ def weight_state(view: TableView, op: str, m: int) -> str:
     return next((s for s in STATE_ORDER if s in states), "warm")
 
 
-def check_spec(picked: list[Change], view: TableView, name: str) -> dict:
-    """A sweep spec (the format `farm bench kernels --shapes` reads) of the picked problems."""
+def bench_spec(items: list[tuple[EntryKey, str, str]], view: TableView, name: str) -> dict:
+    """A sweep spec (the format `farm bench kernels --shapes` reads) of (problem, model, layer) items,
+    each in the weight state the table's entries of its op and M were decided in."""
     problems = []
-    for c in picked:
-        model, layer = c.uses[0]
-        key = c.key
+    for key, model, layer in items:
         problem = {"model": model, "layers": {layer: [key.n, key.k]}, "ops": [key.op], "dtypes": [key.dtype],
                    "m": [key.m], "weights": [weight_state(view, key.op, key.m)]}
         if key.group_size is not None:
@@ -129,4 +128,5 @@ def write_check_spec(path: str, picked: list[Change], view: TableView, against: 
               + f"#   farm bench kernels --shapes {path} --threads {view.threads} --grid minimal --table {view.path}\n")
     with open(path, "w") as f:
         f.write(header)
-        yaml.safe_dump(check_spec(picked, view, "coverage-changes"), f, sort_keys=False, default_flow_style=None)
+        spec = bench_spec([(c.key, *c.uses[0]) for c in picked], view, "coverage-changes")
+        yaml.safe_dump(spec, f, sort_keys=False, default_flow_style=None)

@@ -29,5 +29,12 @@ def register(sub) -> None:
                    help="with --against: write a `farm bench kernels --shapes` spec of the changed problems to check")
     p.add_argument("--per-change", type=int, default=2,
                    help="with --check-spec: problems per kind of change, the most-used first (default 2)")
+    p.add_argument("--sample-spec", default=None, metavar="FILE",
+                   help="write a `farm bench kernels --shapes` spec of problems drawn at random from the models' "
+                        "matmuls, each matmul equally likely, per op and M")
+    p.add_argument("--sample", type=int, default=4, help="with --sample-spec: problems per op and M (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="with --sample-spec: the draw's seed (default 0)")
+    p.add_argument("--sample-max-weights", type=float, default=None, metavar="MILLIONS",
+                   help="with --sample-spec: leave out problems above this many million weights")
     shapes.add_model_args(p)
     p.set_defaults(fn=coverage.cmd_coverage)

@@ -181,6 +181,13 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         found = changes.changes(old, results)
         if args.check_spec:
             changes.write_check_spec(args.check_spec, changes.to_check(found, args.per_change), view, old_view.path)
+    if args.sample_spec:
+        from farm.zoo import sample
+
+        if args.sample < 1:
+            raise UserError(f"coverage: --sample {args.sample}: draw at least one problem per op and M")
+        cap = round(args.sample_max_weights * 1e6) if args.sample_max_weights else None
+        sample.write_sample_spec(args.sample_spec, sample.draw(results, args.sample, args.seed, cap), view, args.seed, cap)
     if args.json:
         doc = {"table": view.path, "isa": view.isa, "vendor": view.vendor, "threads": view.threads, "refused": view.refused,
                "tables": [t.path for t in view.tables.tables.values()], "transfer": view.transfer,
@@ -216,4 +223,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         if args.check_spec:
             console.print(f"wrote {args.check_spec}: the problems to compile end to end before the new table ships",
                           markup=False)
+    if args.sample_spec:
+        console.print(f"wrote {args.sample_spec}: {args.sample} problems per op and M drawn from the matmuls above",
+                      markup=False)
     return 0
