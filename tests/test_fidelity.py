@@ -357,6 +357,10 @@ def test_a_process_timed_beside_a_busy_neighbour_is_replaced_then_the_record_is_
     assert len(per_process) == 2 and all(p["contention"]["runqueue_wait"] > 0.1 for p in per_process), per_process
     assert busy["unreliable"] and "host contention" in busy["unreliable_reason"], busy["unreliable_reason"]
     assert busy["winner"] == "aten"  # an unreliable record never yields another winner
+    from farm.bench.fidelity import contention_summary
+
+    summary = contention_summary([quiet, busy])
+    assert summary["unreliable"] == 1 and summary["processes"] >= 3 and summary["max_lost_share"] > 0.1
 
 
 def test_the_contention_settings_are_validated_with_the_protocol():
@@ -382,3 +386,33 @@ def test_contention_shares_come_from_the_schedulers_counters():
     assert figures["window_s"] >= 0.2 and 0 <= figures["runqueue_wait"] <= 1 and 0 <= figures["steal"] <= 1
     assert contention.lost_share(figures) == figures["runqueue_wait"] + figures["steal"]
     assert contention.lost_share(None) is None and contention.lost_share({"runqueue_wait": None}) is None
+
+
+@pytest.mark.parametrize("lost, used, unreliable", [
+    ([0.01, 0.01], [True, True], False),                       # quiet: the two processes asked for
+    ([0.30, 0.01, 0.02], [False, True, True], False),          # one disturbed process replaced
+    ([0.30, 0.30, 0.30, 0.30], [True] * 4, True),              # busy throughout: 2 replacements, then unreliable
+])
+def test_disturbed_processes_are_replaced_and_not_used(monkeypatch, lost, used, unreliable):
+    """The policy over hand-made processes (the real neighbour is the slow test above): each
+    process's samples lead 1.25x; `lost` is the share of CPU time other work took from each."""
+    from farm.measure import manager
+    from farm.measure.manager import ProcessRun
+
+    started = []
+
+    def fake_process(index, owed, final, problem, protocol, isa, workdir):
+        for cid in owed:
+            final.setdefault(cid, {"status": "ok", "compile_s": 1.0})
+        started.append(index)
+        return ProcessRun(_process(100, 80, seed=index), {}, 0.1, 1.0, 1, 0.0, None,
+                          contention={"runqueue_wait": lost[index], "steal": 0.0, "window_s": 0.1})
+
+    monkeypatch.setattr(manager, "_run_process", fake_process)
+    record = manager.measure(Problem("int8", "bf16", 32, 256, 256, threads=2), protocol=Protocol(processes=2),
+                             only=[CAND])
+    assert started == list(range(len(lost)))
+    assert [p["used"] for p in record["worker"]["per_process"]] == used
+    assert record["unreliable"] == unreliable
+    assert record["winner"] == ("aten" if unreliable else CAND)
+    assert len(record["processes"]) == sum(used)

@@ -135,11 +135,22 @@ def cost(records: list[dict]) -> dict:
             "processes_per_problem": stats.median([r["worker"].get("processes", 1) for r in records]) if records else None}
 
 
+def contention_summary(records: list[dict]) -> dict:
+    """How much CPU time other work took from the timed processes, how many processes it made the
+    farm drop, and how many records it left unreliable (records before the check lack the figures)."""
+    processes = [p for r in records for p in (r.get("worker") or {}).get("per_process", []) if p.get("contention")]
+    lost = [p["contention"]["runqueue_wait"] + (p["contention"].get("steal") or 0.0) for p in processes
+            if p["contention"].get("runqueue_wait") is not None]
+    return {"processes": len(processes), "dropped": sum(1 for p in processes if not p.get("used", True)),
+            "unreliable": sum(1 for r in records if "host contention" in (r.get("unreliable_reason") or "")),
+            "median_lost_share": stats.median(lost) if lost else None, "max_lost_share": max(lost) if lost else None}
+
+
 def report(runs: list[list[dict]]) -> dict:
     """Everything above, from the runs' records (pure)."""
     flat = [r for records in runs for r in records]
     return {"runs": len(runs), "problems": len(runs[0]) if runs else 0, "agreement": agreement(runs),
-            "aa": aa_summary(flat), "spread": spread(flat), "cost": cost(flat)}
+            "aa": aa_summary(flat), "contention": contention_summary(flat), "spread": spread(flat), "cost": cost(flat)}
 
 
 # The issue's target: the farm's speedup for the shipped winner within 5% of the speedup
@@ -323,6 +334,11 @@ def render(rep: dict, console) -> None:
                   "keys in all")
     console.print(f"A/A: control holds 1 in {aa['control_holds_1']}/{aa['with_control']} records; "
                   f"{aa['unreliable']} unreliable; median band {aa['median_band']:.3f}")
+    lost = rep["contention"]
+    if lost["median_lost_share"] is not None:
+        console.print(f"host contention: median {lost['median_lost_share']:.1%} of the owed CPU time lost per process "
+                      f"(max {lost['max_lost_share']:.1%}); {lost['dropped']}/{lost['processes']} processes dropped, "
+                      f"{lost['unreliable']} records unreliable")
     console.print(f"cost: {c['wall_s_per_problem']:.1f} s per problem, timing {c['timing_share']:.1%} of it, "
                   f"{c['processes_per_problem']:g} processes")
     for key, row in rep["spread"].items():

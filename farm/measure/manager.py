@@ -340,7 +340,8 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
               "repeat_compile_s": sum(r.compile_s for r in runs[1:]),
               "contention_how": contention.HOW,
               "per_process": [{"wall_s": r.wall_s, "timing_s": r.timing_s, "compile_s": r.compile_s,
-                               "attempts": r.attempts, "contention": r.contention, "used": r in used}
+                               "attempts": r.attempts, "contention": r.contention,
+                               "used": any(r is u for u in used)}
                               for r in timed]}
     return build_record(host, problem, ids, final, [r.samples for r in used], used[-1].iters if used else {},
                         protocol, worker, [r.page_faults for r in used], busy)
