@@ -138,9 +138,10 @@ def cost(records: list[dict]) -> dict:
 def contention_summary(records: list[dict]) -> dict:
     """How much CPU time other work took from the timed processes, how many processes it made the
     farm drop, and how many records it left unreliable (records before the check lack the figures)."""
+    from farm.measure.contention import lost_share
+
     processes = [p for r in records for p in (r.get("worker") or {}).get("per_process", []) if p.get("contention")]
-    lost = [p["contention"]["runqueue_wait"] + (p["contention"].get("steal") or 0.0) for p in processes
-            if p["contention"].get("runqueue_wait") is not None]
+    lost = [share for p in processes if (share := lost_share(p["contention"])) is not None]
     return {"processes": len(processes), "dropped": sum(1 for p in processes if not p.get("used", True)),
             "unreliable": sum(1 for r in records if "host contention" in (r.get("unreliable_reason") or "")),
             "median_lost_share": stats.median(lost) if lost else None, "max_lost_share": max(lost) if lost else None}
