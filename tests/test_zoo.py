@@ -228,3 +228,6 @@ def test_sample_spec_draws_distinct_zoo_problems_per_op_and_m_weighted_by_use(tm
     assert sorted(t.problem.m for t in checked.tasks) == [1, 1, 128, 128]
     assert {t.problem.threads for t in checked.tasks} == {2}
     assert main(["coverage", "--all", "--table", _table(tmp_path), "--sample-spec", str(spec), "--sample", "0"]) == 2
+    assert main(["coverage", "--all", "--table", _table(tmp_path), "--sample-spec", str(spec),
+                 "--sample-max-weights", "0"]) == 2
+    assert "--sample-max-weights 0: a number of million weights above 0" in capsys.readouterr().err

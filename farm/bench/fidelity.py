@@ -34,6 +34,7 @@ from dataclasses import replace
 from kernels.candidates import AA_CONTROL, ATEN
 
 from farm.measure import stats
+from farm.measure.contention import lost_share
 from farm.measure.store import problem_key
 from farm.measure.timing import aa_offset
 
@@ -138,8 +139,6 @@ def cost(records: list[dict]) -> dict:
 def contention_summary(records: list[dict]) -> dict:
     """How much CPU time other work took from the timed processes, how many processes it made the
     farm drop, and how many records it left unreliable (records before the check lack the figures)."""
-    from farm.measure.contention import lost_share
-
     processes = [p for r in records for p in (r.get("worker") or {}).get("per_process", []) if p.get("contention")]
     lost = [share for p in processes if (share := lost_share(p["contention"])) is not None]
     return {"processes": len(processes), "dropped": sum(1 for p in processes if not p.get("used", True)),
@@ -225,17 +224,20 @@ def time_delivered(problem, table: str, protocol, placements: int = DELIVERED_PL
                                                                 seed=protocol.seed + len(samples["default#0"])))
         for name in samples:
             samples[name] += more[name]
-    return {"default_s": [t for i in range(placements) for t in samples[f"default#{i}"]],
-            "table_s": [t for i in range(placements) for t in samples[f"table#{i}"]],
+    return {"default_s": _pooled(samples, "default", placements), "table_s": _pooled(samples, "table", placements),
             "table_choice": choice, "weight_state": weight_state(problem), "placements": placements,
             "by_placement": [stats.median(stats.paired_speedups(samples[f"default#{i}"], samples[f"table#{i}"]))
                              for i in range(placements)]}
 
 
+def _pooled(samples: dict[str, list[float]], variant: str, placements: int) -> list[float]:
+    """A variant's rounds over its placements, in the order that pairs them with the other's."""
+    return [t for i in range(placements) for t in samples[f"{variant}#{i}"]]
+
+
 def _half_width(samples: dict[str, list[float]], placements: int) -> float:
     """Half the width of the pooled table-over-default interval, relative to its median."""
-    ratios = [r for i in range(placements)
-              for r in stats.paired_speedups(samples[f"default#{i}"], samples[f"table#{i}"])]
+    ratios = stats.paired_speedups(_pooled(samples, "default", placements), _pooled(samples, "table", placements))
     low, high = stats.bootstrap_ci(ratios, resamples=500)
     return (high - low) / 2 / stats.median(ratios)
 

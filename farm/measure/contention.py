@@ -36,7 +36,7 @@ class Snapshot:
 
 
 def _wait_ns() -> int | None:
-    total = 0
+    total, read = 0, 0
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
@@ -45,9 +45,10 @@ def _wait_ns() -> int | None:
         try:
             with open(f"/proc/self/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[1])
+            read += 1
         except (OSError, IndexError, ValueError):
             continue  # a thread that exited meanwhile
-    return total if tasks else None
+    return total if read else None  # none readable: schedstat compiled out
 
 
 def _steal_ticks(cpus: set[int]) -> int | None:

@@ -38,14 +38,15 @@ class Change:
         return sorted({model for model, _ in self.uses})
 
     def kind(self) -> str:
-        return f"{_say(self.before)} -> {_say(self.after)}"
+        return f"{say(self.before)} -> {say(self.after)}"
 
     def as_dict(self) -> dict:
         return {**asdict(self.key), "before": list(self.before), "after": list(self.after), "matmuls": len(self.uses),
                 "models": self.models}
 
 
-def _say(decision: tuple[str, str | None]) -> str:
+def say(decision: tuple[str, str | None]) -> str:
+    """A (source, choice) decision as the reports print it."""
     source, choice = decision
     return INDUCTOR if source == INDUCTOR else f"{choice} ({source})"
 

@@ -169,6 +169,10 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         raise UserError("coverage: name one model (zoo id or config.json path) or give --all")
     if args.check_spec and not args.against:
         raise UserError("coverage: --check-spec needs --against OLD (the table set the new one replaces)")
+    if args.sample_spec and args.sample < 1:
+        raise UserError(f"coverage: --sample {args.sample}: draw at least one problem per op and M")
+    if args.sample_spec and args.sample_max_weights is not None and args.sample_max_weights <= 0:
+        raise UserError(f"coverage: --sample-max-weights {args.sample_max_weights:g}: a number of million weights above 0")
     view = open_table(args.table, args.threads, args.isa, args.vendor)
     models = list(load_zoo().values()) if args.all else [args.model]
     results = [model_coverage(view, m, args.m, args.ops, args.dtype, args.group_size, args.fused) for m in models]
@@ -184,9 +188,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     if args.sample_spec:
         from farm.zoo import sample
 
-        if args.sample < 1:
-            raise UserError(f"coverage: --sample {args.sample}: draw at least one problem per op and M")
-        cap = round(args.sample_max_weights * 1e6) if args.sample_max_weights else None
+        cap = round(args.sample_max_weights * 1e6) if args.sample_max_weights is not None else None
         sample.write_sample_spec(args.sample_spec, sample.draw(results, args.sample, args.seed, cap), view, args.seed, cap)
     if args.json:
         doc = {"table": view.path, "isa": view.isa, "vendor": view.vendor, "threads": view.threads, "refused": view.refused,

@@ -24,8 +24,8 @@ import yaml
 
 from kernels.table import EntryKey
 
-from farm.zoo.changes import bench_spec
-from farm.zoo.coverage import INDUCTOR, ModelCoverage, TableView
+from farm.zoo.changes import bench_spec, say
+from farm.zoo.coverage import ModelCoverage, TableView
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,7 @@ def write_sample_spec(path: str, strata: list[Stratum], view: TableView, seed: i
         lines.append(f"# {s.op} M={s.m}: {len(s.drawn)} drawn of {s.matmuls} zoo matmuls"
                      + (f" ({s.left_out} above the weight cap, left out)" if s.left_out else ""))
         for d in s.drawn:
-            said = INDUCTOR if d.source == INDUCTOR else f"{d.choice} ({d.source})"
-            lines.append(f"#   {d.key.n}x{d.key.k} {d.model} {d.layer}: {d.matmuls} matmuls; {said}")
+            lines.append(f"#   {d.key.n}x{d.key.k} {d.model} {d.layer}: {d.matmuls} matmuls; {say((d.source, d.choice))}")
     spec = bench_spec([(d.key, d.model, d.layer) for s in strata for d in s.drawn], view, "zoo-sample")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
