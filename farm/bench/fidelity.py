@@ -218,8 +218,9 @@ def time_delivered(problem, table: str, protocol, placements: int = DELIVERED_PL
             if variant == "table" and i == 0:  # what the lowering really chose (None: Inductor's own)
                 choice = [d["candidate"] or "inductor" for d in compiled.decisions]
     samples = time_interleaved(fns, problem, operands, protocol)
-    step = max(protocol.extra_rounds_step, 3)
-    while len(samples["default#0"]) < DELIVERED_MAX_ROUNDS and _half_width(samples, placements) > DELIVERED_TOLERANCE / 2:
+    step, resamples = max(protocol.extra_rounds_step, 3), protocol.bootstrap_resamples
+    while (len(samples["default#0"]) < DELIVERED_MAX_ROUNDS
+           and _half_width(samples, placements, resamples) > DELIVERED_TOLERANCE / 2):
         more = time_interleaved(fns, problem, operands, replace(protocol, min_rounds=step, max_rounds=step,
                                                                 seed=protocol.seed + len(samples["default#0"])))
         for name in samples:
@@ -235,11 +236,12 @@ def _pooled(samples: dict[str, list[float]], variant: str, placements: int) -> l
     return [t for i in range(placements) for t in samples[f"{variant}#{i}"]]
 
 
-def _half_width(samples: dict[str, list[float]], placements: int) -> float:
-    """Half the width of the pooled table-over-default interval, relative to its median."""
-    ratios = stats.paired_speedups(_pooled(samples, "default", placements), _pooled(samples, "table", placements))
-    low, high = stats.bootstrap_ci(ratios, resamples=500)
-    return (high - low) / 2 / stats.median(ratios)
+def _half_width(samples: dict[str, list[float]], placements: int, resamples: int) -> float:
+    """Half the width of the pooled table-over-default interval, relative to its median: the very
+    interval the row reports (delivered_speedup), so the loop stops on what the row says."""
+    got = delivered_speedup(_pooled(samples, "default", placements), _pooled(samples, "table", placements), resamples)
+    low, high = got["ci95"]
+    return (high - low) / 2 / got["speedup"]
 
 
 def _tables_by_weights(records: list[dict], workdir: str) -> dict[tuple[str, str, int], tuple[str, dict]]:
