@@ -1,4 +1,5 @@
-"""The timing loop: calibrated batches, shuffled rounds, more rounds while the top two overlap."""
+"""The timing loop: calibrated batches, shuffled rounds, more rounds while the top two overlap, the
+A/A control is off, or a lead worth having cannot yet be told from this process's noise."""
 
 from __future__ import annotations
 
@@ -95,6 +96,33 @@ def decided(samples: dict[str, list[float]]) -> bool:
     return not stats.overlap(ranked[0][1], ranked[1][1])
 
 
+def lead_settled(samples: dict[str, list[float]], settle_lead: float, resamples: int = 500) -> bool:
+    """False while the fastest candidate leads ATen by at least `settle_lead` (median) and this
+    process cannot yet show that lead as the record will judge it: its interval above 1 and above
+    1 + the control's offset, its median beyond the control's band (farm.measure.record's
+    leads_in_process and choose_winner). Such a close call is what flipped between independent runs
+    at 11 rounds (a 1.15-1.29x decode lead against A/A bands of 0.16-0.35); rounds, not chance,
+    should decide it. Leads under `settle_lead` are not worth the rounds."""
+    if ATEN not in samples:
+        return True
+    best = None
+    for cid, times in samples.items():
+        if cid in (ATEN, AA_CONTROL):
+            continue
+        speedups = stats.paired_speedups(samples[ATEN], times)
+        if speedups and (best is None or stats.median(speedups) > stats.median(best)):
+            best = speedups
+    if best is None or stats.median(best) < 1.0 + settle_lead:
+        return True
+    band, offset = 0.0, 0.0
+    if samples.get(AA_CONTROL):
+        control = stats.paired_speedups(samples[ATEN], samples[AA_CONTROL])
+        control_ci = stats.bootstrap_ci(control, resamples=resamples)
+        band, offset = stats.noise_band(control_ci, stats.median(control)), aa_offset(control_ci)
+    low = stats.bootstrap_ci(best, resamples=resamples)[0]
+    return low > 1.0 + offset and low > 1.0 and stats.median(best) > 1.0 + band
+
+
 def aa_offset(ci: tuple[float, float] | list[float]) -> float:
     """How far the A/A control's speedup interval lies from 1 (0 when it contains 1)."""
     return max(ci[0] - 1.0, 1.0 - ci[1], 0.0)
@@ -137,8 +165,10 @@ def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
         rounds += 1
         emit(ev="round", r=rounds, times={cid: samples[cid][-1] for cid in order})
         if rounds >= target:
-            # More rounds while the top two overlap or the A/A control is off (the gate's first step).
-            if rounds >= protocol.max_rounds or (decided(samples) and not aa_off(samples, protocol.aa_tolerance)):
+            # More rounds while the top two overlap, the A/A control is off (the gate's first step),
+            # or a lead worth having is not yet beyond this process's noise.
+            if rounds >= protocol.max_rounds or (decided(samples) and not aa_off(samples, protocol.aa_tolerance)
+                                                 and lead_settled(samples, protocol.settle_lead)):
                 per_call = {cid: faults[cid] / (rounds * iters[cid] * stack) for cid in fns}
                 return samples, iters, per_call
             target = min(rounds + protocol.extra_rounds_step, protocol.max_rounds)
