@@ -232,8 +232,12 @@ def time_in_this_process(problem, table: str, protocol, placements: int) -> dict
     """One process's share of time_delivered. Each variant is compiled `placements` times (each
     compile of a template packs its own copy of the weights) and the pairs default#i/table#i are
     pooled: one compile is one sample of where its weights landed."""
+    import warnings
+
     from farm.bench.ops import compile_checked, prepare, time_interleaved
 
+    # Each fresh process would say it once more: caches are off on purpose (every compile is a placement).
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
     operands, reference = prepare(problem, protocol)
     fns, choice = {}, []
     with tempfile.TemporaryDirectory(prefix="farm-delivered-") as workdir:  # the loaded kernels outlive their files
