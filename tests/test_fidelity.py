@@ -165,6 +165,9 @@ def test_the_timing_loop_times_on_while_a_lead_is_inside_the_noise():
     steady = {"aten": _spin(300), "aten~aa": _spin(300), CAND: _spin(150)}
     samples, _, _ = run_rounds(steady, None, proto, lambda **_: None)
     assert len(samples["aten"]) < proto.max_rounds  # a 2x lead over a steady control is settled early
+    tied = {**steady, "cpp": _spin(150)}  # the top two overlap: more rounds, whatever settle_lead says
+    samples, _, _ = run_rounds(tied, None, replace(proto, settle_lead=2.0), lambda **_: None)
+    assert len(samples["aten"]) == proto.max_rounds
 
 
 def test_an_unreliable_record_never_yields_a_non_default_winner():
