@@ -423,6 +423,15 @@ def test_the_contention_settings_are_validated_with_the_protocol():
         Protocol.from_dict({"contention_extra_processes": -1})
 
 
+def test_the_settle_lead_is_validated_with_the_protocol():
+    from farm.errors import UserError
+
+    assert Protocol.from_dict({"settle_lead": 0.1}).settle_lead == 0.1 and Protocol().settle_lead == 0.05
+    for bad in (-0.01, float("nan"), "5%", True):
+        with pytest.raises(UserError, match="protocol.settle_lead: must be a finite number >= 0"):
+            Protocol.from_dict({"settle_lead": bad})
+
+
 def test_contention_shares_come_from_the_schedulers_counters():
     import time
 

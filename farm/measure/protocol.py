@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from farm.errors import UserError
@@ -79,8 +80,8 @@ class Protocol:
             raise UserError(f"{where}.max_contention: must be a share in (0, 1], got {proto.max_contention!r}")
         for name in ("aa_tolerance", "settle_lead"):
             value = getattr(proto, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 100:
-                raise UserError(f"{where}.{name}: must be a finite number >= 0 (a share), got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{where}.{name}: must be a finite number >= 0, got {value!r}")
         if proto.max_rounds < proto.min_rounds:
             raise UserError(f"{where}.max_rounds: {proto.max_rounds} is below min_rounds {proto.min_rounds}")
         if proto.min_rounds < 3:

@@ -120,7 +120,7 @@ def lead_settled(samples: dict[str, list[float]], settle_lead: float, resamples:
         control_ci = stats.bootstrap_ci(control, resamples=resamples)
         band, offset = stats.noise_band(control_ci, stats.median(control)), aa_offset(control_ci)
     low = stats.bootstrap_ci(best, resamples=resamples)[0]
-    return low > 1.0 + offset and low > 1.0 and stats.median(best) > 1.0 + band
+    return low > 1.0 + offset and stats.median(best) > 1.0 + band  # offset >= 0: the interval is above 1 too
 
 
 def aa_offset(ci: tuple[float, float] | list[float]) -> float:
