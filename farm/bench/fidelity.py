@@ -223,8 +223,7 @@ def time_delivered(problem, table: str, protocol, placements: int = DELIVERED_PL
     return {"default_s": [t for r in runs for t in r["default_s"]], "table_s": [t for r in runs for t in r["table_s"]],
             "table_choices": [r["table_choice"] for r in runs], "weight_state": weight_state(problem),
             "placements": placements, "processes": processes,
-            "by_process": [delivered_speedup(r["default_s"], r["table_s"], protocol.bootstrap_resamples)["speedup"]
-                           for r in runs],
+            "by_process": [stats.median(stats.paired_speedups(r["default_s"], r["table_s"])) for r in runs],
             "by_placement": [r["by_placement"] for r in runs]}
 
 

@@ -79,21 +79,24 @@ def calibrate(fn: Callable, x, protocol: Protocol) -> int:
     return max(1, min(protocol.max_iters, round(protocol.batch_s / max(per_call, 1e-9))))
 
 
+def _vs_aten(samples: dict[str, list[float]], cid: str, resamples: int = 500) -> tuple[float, tuple[float, float]]:
+    """`cid`'s median paired speedup over ATen in these rounds, and its interval."""
+    speedups = stats.paired_speedups(samples[ATEN], samples[cid])
+    return stats.median(speedups), stats.bootstrap_ci(speedups, resamples=resamples)
+
+
+def _ranked(samples: dict[str, list[float]], resamples: int = 500) -> list[tuple[float, tuple[float, float]]]:
+    """Every timed candidate but ATen and its control, as (median speedup, interval), fastest first."""
+    return sorted((_vs_aten(samples, cid, resamples) for cid, times in samples.items()
+                   if cid not in (ATEN, AA_CONTROL) and times), key=lambda item: item[0], reverse=True)
+
+
 def decided(samples: dict[str, list[float]]) -> bool:
     """True when the two best candidates' speedup intervals over ATen are apart."""
     if ATEN not in samples:
         return True
-    ranked = []
-    for cid, times in samples.items():
-        if cid in (ATEN, AA_CONTROL):
-            continue
-        speedups = stats.paired_speedups(samples[ATEN], times)
-        ranked.append((stats.median(speedups), stats.bootstrap_ci(speedups, resamples=500)))
-    ranked.append((1.0, (1.0, 1.0)))  # ATen itself
-    if len(ranked) < 2:
-        return True
-    ranked.sort(key=lambda item: item[0], reverse=True)
-    return not stats.overlap(ranked[0][1], ranked[1][1])
+    ranked = sorted(_ranked(samples) + [(1.0, (1.0, 1.0))], key=lambda item: item[0], reverse=True)  # ATen itself
+    return len(ranked) < 2 or not stats.overlap(ranked[0][1], ranked[1][1])
 
 
 def lead_settled(samples: dict[str, list[float]], settle_lead: float, resamples: int = 500) -> bool:
@@ -105,22 +108,14 @@ def lead_settled(samples: dict[str, list[float]], settle_lead: float, resamples:
     should decide it. Leads under `settle_lead` are not worth the rounds."""
     if ATEN not in samples:
         return True
-    best = None
-    for cid, times in samples.items():
-        if cid in (ATEN, AA_CONTROL):
-            continue
-        speedups = stats.paired_speedups(samples[ATEN], times)
-        if speedups and (best is None or stats.median(speedups) > stats.median(best)):
-            best = speedups
-    if best is None or stats.median(best) < 1.0 + settle_lead:
+    ranked = _ranked(samples, resamples)
+    if not ranked or ranked[0][0] < 1.0 + settle_lead:
         return True
-    band, offset = 0.0, 0.0
+    (best, (low, _)), band, offset = ranked[0], 0.0, 0.0
     if samples.get(AA_CONTROL):
-        control = stats.paired_speedups(samples[ATEN], samples[AA_CONTROL])
-        control_ci = stats.bootstrap_ci(control, resamples=resamples)
-        band, offset = stats.noise_band(control_ci, stats.median(control)), aa_offset(control_ci)
-    low = stats.bootstrap_ci(best, resamples=resamples)[0]
-    return low > 1.0 + offset and stats.median(best) > 1.0 + band  # offset >= 0: the interval is above 1 too
+        control, control_ci = _vs_aten(samples, AA_CONTROL, resamples)
+        band, offset = stats.noise_band(control_ci, control), aa_offset(control_ci)
+    return low > 1.0 + offset and best > 1.0 + band  # offset >= 0: the interval is above 1 too
 
 
 def aa_offset(ci: tuple[float, float] | list[float]) -> float:
@@ -132,8 +127,7 @@ def aa_off(samples: dict[str, list[float]], tolerance: float) -> bool:
     """True when twice the same kernel differ beyond `tolerance`: the rounds so far are suspect."""
     if ATEN not in samples or AA_CONTROL not in samples:
         return False
-    speedups = stats.paired_speedups(samples[ATEN], samples[AA_CONTROL])
-    return aa_offset(stats.bootstrap_ci(speedups, resamples=500)) > tolerance
+    return aa_offset(_vs_aten(samples, AA_CONTROL)[1]) > tolerance
 
 
 def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
