@@ -53,6 +53,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     overrides = {"timeout_s": args.timeout} if args.timeout else {}
     if args.rounds:
         overrides.update(min_rounds=args.rounds, max_rounds=max(args.rounds, Protocol().max_rounds))
+    if args.placements:
+        overrides["placements"] = args.placements
     record = measure(problem, grid=args.grid, protocol=Protocol.from_dict(overrides), isa=args.isa,
                      only=args.candidates.split() if args.candidates else None)
     if args.json:
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="pruned", choices=["minimal", "pruned", "exhaustive"])
     p.add_argument("--candidates", default=None, help="space-separated candidate ids instead of the grid")
     p.add_argument("--rounds", type=int, default=None, help="minimum rounds (default from the protocol)")
+    p.add_argument("--placements", type=int, default=None,
+                   help="copies of the weights each process times every candidate on (default from the protocol)")
     p.add_argument("--timeout", type=float, default=None, help="seconds without progress before a candidate is killed")
     p.add_argument("--json", action="store_true", help="print the record as one JSON object")
     p.set_defaults(fn=cmd_measure)

@@ -41,6 +41,7 @@ class Attempt:
     iters: dict[str, int] = field(default_factory=dict)
     page_faults: dict[str, float] = field(default_factory=dict)  # minor page faults per timed call
     contention: dict | None = None  # farm.measure.contention.shares over the timed window
+    placements: int = 1  # weight placements each candidate was timed on
     timing_s: float = 0.0
     outcome: str = "done"  # done | crash | timeout
     culprit: str | None = None
@@ -185,6 +186,7 @@ def _apply_event(attempt: Attempt, event: dict, current: str | None) -> str | No
         attempt.samples, attempt.iters, attempt.timing_s = event["samples"], event["iters"], event["timing_s"]
         attempt.page_faults = event.get("page_faults", {})
         attempt.contention = event.get("contention")
+        attempt.placements = event.get("placements", 1)
         return None
     return current
 
@@ -223,6 +225,7 @@ class ProcessRun:
     host: dict | None
     page_faults: dict[str, float] = field(default_factory=dict)  # minor page faults per timed call
     contention: dict | None = None
+    placements: int = 1
 
     def disturbed(self, protocol: Protocol) -> bool:
         """Other work took more than protocol.max_contention of the CPU time this timing was owed."""
@@ -278,7 +281,7 @@ def _run_process(index: int, owed: list[str], final: dict[str, dict], problem: P
     compile_s = sum((r.get("compile_s") or 0.0) for a in attempts for r in a.compiled.values())
     host = next((a.host for a in reversed(attempts) if a.host), None)
     return ProcessRun(last.samples, last.iters, last.timing_s, sum(a.wall_s for a in attempts), len(attempts),
-                      compile_s, host, last.page_faults, last.contention)
+                      compile_s, host, last.page_faults, last.contention, last.placements)
 
 
 def _control_off(runs: list[ProcessRun], tolerance: float) -> bool:
@@ -340,7 +343,7 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
               "repeat_compile_s": sum(r.compile_s for r in runs[1:]),
               "contention_how": contention.HOW,
               "per_process": [{"wall_s": r.wall_s, "timing_s": r.timing_s, "compile_s": r.compile_s,
-                               "attempts": r.attempts, "contention": r.contention,
+                               "attempts": r.attempts, "contention": r.contention, "placements": r.placements,
                                "used": any(r is u for u in used)}
                               for r in timed]}
     return build_record(host, problem, ids, final, [r.samples for r in used], used[-1].iters if used else {},

@@ -19,6 +19,9 @@ MAX_NK = 1 << 18
 # small layer's decode) is paid once per stack, as a model's graph pays it once per step.
 MODEL_STACK_BYTES = 64 << 20
 MODEL_STACK_MAX = 16
+# Extra weight placements (Protocol.placements) may hold at most this much more memory: each one
+# is a copy of the weights plus each candidate's own packed copy of them.
+PLACEMENT_BYTES = 1 << 30
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Which activation dtypes each op's ATen kernel accepts on CPU (checked on torch 2.13).
 OP_DTYPES = {"int8": ("bf16", "fp16", "fp32"), "int4": ("bf16", "fp16", "fp32")}
@@ -90,6 +93,16 @@ def stack_size(problem: Problem) -> int:
     return max(2, min(MODEL_STACK_MAX, math.ceil(MODEL_STACK_BYTES / problem.weight_bytes)))
 
 
+def placement_count(problem: Problem, wanted: int, candidates: int) -> int:
+    """How many weight placements a process times each candidate on: `wanted` (Protocol.placements),
+    fewer where the copies would pass PLACEMENT_BYTES, and 1 in the model state, whose stack
+    already reads a copy of its own in every kernel call."""
+    if problem.weights == "model":
+        return 1
+    per_placement = problem.weight_bytes * (1 + candidates)
+    return max(1, min(wanted, 1 + PLACEMENT_BYTES // per_placement))
+
+
 @dataclass
 class Operands:
     x: "object"
@@ -102,6 +115,10 @@ class Operands:
         if problem.op == "int8":
             return torch._weight_int8pack_mm(self.x, self.weight, self.scales)
         return torch._weight_int4pack_mm_for_cpu(self.x, self.weight, problem.group_size, self.scales)
+
+    def placed_copy(self) -> "Operands":
+        """The same operands with the weights and scales in fresh memory: another placement."""
+        return Operands(self.x, self.weight.clone(), self.scales.clone())
 
 
 def make_operands(problem: Problem, seed: int = 0) -> Operands:

@@ -36,6 +36,13 @@ class Protocol:
     # against 9.0 s), so 2 processes cost 1.5x the wall of one (the bound) and catch the
     # single-process flips seen there; 3 would cost 2x.
     processes: int = 2
+    # Weight placements per process: each candidate is compiled this many times in a process, each
+    # on its own copy of the weights (a repeat compile is an FX-graph-cache hit, about 0.1 s), and
+    # the rounds rotate through them, so the timing cost stays that of one. Where the weights land
+    # moves a cold decode call as much as another process does: int8 M=1 512x2048 `cpp`, four
+    # compiles in one process ran 1.22-1.29x and 1.16-1.24x over ATen (AVX512 EPYC), against
+    # 1.11-1.28x over 38 processes. The model state's stack already reads its own copies: 1 there.
+    placements: int = 3
     # The A/A gate: the control's interval may miss 1 by at most this much (2%: the low end of the
     # A/A noise measured on these hosts, 2-5%); beyond it, measure more, then mark the record unreliable.
     aa_tolerance: float = 0.02
@@ -61,7 +68,8 @@ class Protocol:
         if unknown:
             raise UserError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
         proto = cls(**data)
-        for name in ("min_rounds", "max_rounds", "extra_rounds_step", "max_iters", "cold_iters", "bootstrap_resamples"):
+        for name in ("min_rounds", "max_rounds", "extra_rounds_step", "max_iters", "cold_iters", "bootstrap_resamples",
+                     "placements"):
             value = getattr(proto, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{where}.{name}: must be a positive integer, got {value!r}")

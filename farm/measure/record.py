@@ -9,8 +9,10 @@ Record format history (RECORD_SCHEMA_VERSION):
      before 2026-11-28 lack them), host.vendor (intel, amd, other; earlier records' vendor is
      read from host.cpu, farm.measure.host.record_vendor), worker.per_process[].contention and .used
      (the CPU time other work took from each process's timing; a disturbed process's samples are not
-     used; records before 2026-11-28's thirteenth session lack them). A record without per_process
-     is one process.
+     used; records before 2026-11-28's thirteenth session lack them), protocol.placements and
+     worker.per_process[].placements (how many copies of the weights each process timed every
+     candidate on, round r on copy r % placements; records before 2026-11-29 timed one). A record
+     without per_process is one process.
      Pooling (the nightly's races) reads a stored record's processes back (process_samples) and
      pools only records that poolable() accepts; the records stay as measured, never rewritten.
 """

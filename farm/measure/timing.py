@@ -130,15 +130,18 @@ def aa_off(samples: dict[str, list[float]], tolerance: float) -> bool:
     return aa_offset(_vs_aten(samples, AA_CONTROL)[1]) > tolerance
 
 
-def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
+def run_rounds(fns: dict[str, Callable | list[Callable]], x, protocol: Protocol, emit: Emit,
                flush: Callable[[], None] | None = None,
                stack: int = 1) -> tuple[dict[str, list[float]], dict[str, int], dict[str, float]]:
     """Per-call seconds for each candidate, one sample per round; the same rounds for all; and
     each candidate's minor page faults per timed kernel call over all its rounds.
-    No flush: warm; a flush: cold; a flush and modules of `stack` kernel calls each: model."""
+    No flush: warm; a flush: cold; a flush and modules of `stack` kernel calls each: model.
+    A candidate given as a list of callables (its weight placements) is timed on placement
+    r % len in round r: the rounds sample every placement at the timing cost of one."""
     if not fns:
         return {}, {}, {}
-    iters = {cid: calibrate(fn, x, protocol) for cid, fn in fns.items()}
+    placed = {cid: fn if isinstance(fn, list) else [fn] for cid, fn in fns.items()}
+    iters = {cid: calibrate(copies[0], x, protocol) for cid, copies in placed.items()}
     if flush is not None:
         iters = {cid: protocol.cold_iters for cid in fns}
     samples: dict[str, list[float]] = {cid: [] for cid in fns}
@@ -150,10 +153,11 @@ def run_rounds(fns: dict[str, Callable], x, protocol: Protocol, emit: Emit,
         rng.shuffle(order)
         for cid in order:
             emit(ev="run", cand=cid)  # lets the manager name the culprit of a crash or hang
+            fn = placed[cid][rounds % len(placed[cid])]
             if flush is None:
-                seconds, batch_faults = _time_warm(fns[cid], x, iters[cid])
+                seconds, batch_faults = _time_warm(fn, x, iters[cid])
             else:
-                seconds, batch_faults = _time_cold(fns[cid], x, iters[cid], flush)
+                seconds, batch_faults = _time_cold(fn, x, iters[cid], flush)
             samples[cid].append(seconds / stack)
             faults[cid] += batch_faults
         rounds += 1
