@@ -24,7 +24,17 @@ def table(tmp_path):
 
 
 def test_bench_kernels_has_all_four_variants_checked(table):
+    import glob
+    import tempfile
+
+    def left():
+        return set(glob.glob(f"{tempfile.gettempdir()}/farm-bench-*"))
+    before = left()
+    # Two problems in one process: the first one's removed cache directory must not break the second's compiles.
+    other = bench_problem(Problem("int8", "bf16", 8, 512, 256, threads=2), table, "minimal", QUICK)
+    assert all(v["max_rel_err"] <= TOLERANCE["bf16"] for v in other["variants"].values())
     row = bench_problem(Problem("int8", "bf16", 8, 256, 256, threads=2), table, "minimal", QUICK)
+    assert left() <= before  # each problem's caches went with it
     assert set(row["variants"]) == set(VARIANTS)
     for v in row["variants"].values():
         assert v["max_rel_err"] <= TOLERANCE["bf16"] and v["median_us"] > 0 and v["compile_s"] > 0

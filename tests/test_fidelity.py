@@ -28,6 +28,10 @@ def test_each_weight_state_is_enforced_and_recorded(weights, quick_protocol):
             assert 1 <= len(c["per_process"]) <= (1 + quick_protocol.aa_extra_processes
                                                   + quick_protocol.contention_extra_processes)
             assert all(p["faults_per_call"] >= 0 for p in c["per_process"]) and c["faults_per_call"] >= 0
+    # Every process timed each candidate on its own copies of the weights; the model state's stack has its own.
+    placements = 1 if weights == "model" else quick_protocol.placements
+    assert record["protocol"]["placements"] == quick_protocol.placements >= 2
+    assert [p["placements"] for p in record["worker"]["per_process"]] == [placements] * record["worker"]["processes"]
 
 
 # --- fast tier: pure functions over hand-made samples and records ---------------------------
@@ -123,6 +127,33 @@ def test_aa_gate_marks_a_record_unreliable_when_the_control_is_off():
     assert aa_gate(None, 0.02) is None
     on = {"aten": [1e-4] * 11, "aten~aa": [1e-4] * 11}
     assert not aa_off(on, 0.02) and aa_off({**on, "aten~aa": [1.3e-4] * 11}, 0.02)
+
+
+def test_placements_are_bounded_by_memory_and_left_to_the_stack_in_the_model_state():
+    from farm.measure.problem import PLACEMENT_BYTES, placement_count
+
+    def count(n, k, weights="cold", candidates=6, wanted=3):
+        return placement_count(Problem("int8", "bf16", 1, n, k, None, 2, weights), wanted, candidates)
+    assert count(2048, 8192) == 3 and count(2048, 8192, wanted=1) == 1  # 16 MiB x 7 per copy: all three
+    assert count(2048, 8192, weights="warm") == 3 and count(2048, 8192, weights="model") == 1
+    big = 65536 * 4096  # a 256 MiB lm_head: a copy of it and 6 packed copies pass the budget
+    assert big * 7 > PLACEMENT_BYTES and count(65536, 4096) == 1
+    assert count(32768, 4096) == 2  # 128 MiB x 7 per copy: room for one more
+
+
+def test_the_rounds_rotate_through_each_candidates_placements():
+    from farm.measure.timing import run_rounds
+
+    calls = []
+
+    def called(name):
+        return lambda _x: calls.append(name)
+    fns = {"aten": [called("aten0"), called("aten1"), called("aten2")], CAND: called("cand")}
+    proto = Protocol(min_rounds=6, max_rounds=6, cold_iters=1, warmup_s=1e-3)
+    samples, _, _ = run_rounds(fns, None, proto, lambda **_: None, flush=lambda: calls.append("flush"))
+    timed = [c for c, before in zip(calls[1:], calls) if before == "flush"]  # cold: each timed call follows a flush
+    assert [c for c in timed if c.startswith("aten")] == ["aten0", "aten1", "aten2"] * 2  # round r: copy r % 3
+    assert timed.count("cand") == 6 and all(len(v) == 6 for v in samples.values())
 
 
 def test_a_lead_is_settled_only_once_the_process_can_show_it_beyond_its_own_noise():
@@ -423,6 +454,15 @@ def test_the_contention_settings_are_validated_with_the_protocol():
         Protocol.from_dict({"contention_extra_processes": -1})
 
 
+def test_the_placements_are_validated_with_the_protocol():
+    from farm.errors import UserError
+
+    assert Protocol.from_dict({"placements": 1}).placements == 1 and Protocol().placements == 3
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(UserError, match="protocol.placements: must be a positive integer"):
+            Protocol.from_dict({"placements": bad})
+
+
 def test_the_settle_lead_is_validated_with_the_protocol():
     from farm.errors import UserError
 
@@ -475,3 +515,28 @@ def test_disturbed_processes_are_replaced_and_not_used(monkeypatch, lost, used, 
     assert record["unreliable"] == unreliable
     assert record["winner"] == ("aten" if unreliable else CAND)
     assert len(record["processes"]) == sum(used)
+
+
+def test_a_measurement_removes_the_working_directory_it_made(monkeypatch, tmp_path):
+    """Each measurement's Inductor caches and worker logs are spent once its record is built; one
+    the caller names is the caller's to keep."""
+    import os
+
+    from farm.measure import manager
+    from farm.measure.manager import ProcessRun
+
+    seen = []
+
+    def fake_process(index, owed, final, problem, protocol, isa, workdir):
+        for cid in owed:
+            final.setdefault(cid, {"status": "ok", "compile_s": 1.0})
+        seen.append(workdir)
+        assert os.path.isdir(workdir)
+        return ProcessRun(_process(100, 80, seed=index), {}, 0.1, 1.0, 1, 0.0, None)
+
+    monkeypatch.setattr(manager, "_run_process", fake_process)
+    problem = Problem("int8", "bf16", 32, 256, 256, threads=2)
+    manager.measure(problem, protocol=Protocol(processes=2), only=[CAND])
+    assert len(seen) == 2 and not os.path.exists(seen[0])
+    manager.measure(problem, protocol=Protocol(processes=1), only=[CAND], workdir=str(tmp_path))
+    assert seen[-1] == str(tmp_path) and tmp_path.is_dir()

@@ -304,7 +304,13 @@ def delivered(runs: list[list[dict]], tasks: list, protocol, mode: str = "winner
 
     if mode not in DELIVERED_MODES:
         raise UserError(f"--delivered: {mode!r} is not one of {', '.join(DELIVERED_MODES)}")
-    tables = _tables_by_weights([r for records in runs for r in records], tempfile.mkdtemp(prefix="farm-fidelity-"))
+    with tempfile.TemporaryDirectory(prefix="farm-fidelity-") as workdir:
+        tables = _tables_by_weights([r for records in runs for r in records], workdir)
+        rows, skipped = _delivered_rows(tables, tasks, protocol, mode, progress)
+    return {"mode": mode, "rows": rows, "skipped": skipped, "summary": delivered_summary(rows)}
+
+
+def _delivered_rows(tables: dict, tasks: list, protocol, mode: str, progress) -> tuple[list[dict], list[dict]]:
     rows, skipped = [], []
     for task in tasks:
         p = task.problem
@@ -328,7 +334,7 @@ def delivered(runs: list[list[dict]], tasks: list, protocol, mode: str = "winner
         rows.append(row)
         if progress:
             progress(f"delivered {task.key}: {entry['winner']} farm {row['farm']:.3f} delivered {row['delivered']:.3f}")
-    return {"mode": mode, "rows": rows, "skipped": skipped, "summary": delivered_summary(rows)}
+    return rows, skipped
 
 
 def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None,

@@ -116,7 +116,12 @@ def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: 
     """All four variants of one problem, timed interleaved in this process."""
     protocol = protocol or Protocol()
     operands, reference = prepare(problem, protocol)
-    workdir = tempfile.mkdtemp(prefix="farm-bench-")
+    with tempfile.TemporaryDirectory(prefix="farm-bench-") as workdir:  # the loaded kernels outlive their files
+        return _bench_problem_in(workdir, problem, operands, reference, table, grid, protocol)
+
+
+def _bench_problem_in(workdir: str, problem: Problem, operands: Operands, reference: torch.Tensor, table: str,
+                      grid: str, protocol: Protocol) -> dict:
     fns, compile_s, errors, decisions = {}, {}, {}, {}
     for variant in VARIANTS:
         c, err = compile_checked(problem, operands, reference, variant, table, os.path.join(workdir, variant))

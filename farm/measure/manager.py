@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,7 +310,18 @@ def measure(problem: Problem, grid: str = "pruned", protocol: Protocol | None = 
     check_isa(isa)
     ids = candidate_ids(problem, grid, only, extra) + [fault_mod.fault_id(kind) for kind in faults or []]
     final: dict[str, dict] = _pre_unsupported(problem, ids, isa)
+    owned = workdir is None  # ours to remove: the caches and logs are spent once the record is built
     workdir = workdir or tempfile.mkdtemp(prefix="farm-measure-")
+    try:
+        return _measure_in(workdir, problem, ids, final, protocol, isa)
+    finally:
+        if owned:  # left behind, every measurement kept its Inductor caches in /tmp (1394 directories here)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure_in(workdir: str, problem: Problem, ids: list[str], final: dict[str, dict], protocol: Protocol,
+                isa: str | None) -> dict:
+    """measure()'s processes in `workdir`: the first, repeats, the gate's and contention's extras; the record."""
     start = time.perf_counter()
     runs = [_run_process(0, [cid for cid in ids if cid not in final], final, problem, protocol, isa, workdir)]
     aa_extra = 0

@@ -39,9 +39,10 @@ class Protocol:
     # Weight placements per process: each candidate is compiled this many times in a process, each
     # on its own copy of the weights (a repeat compile is an FX-graph-cache hit, about 0.1 s), and
     # the rounds rotate through them, so the timing cost stays that of one. Where the weights land
-    # moves a cold decode call as much as another process does: int8 M=1 512x2048 `cpp`, four
-    # compiles in one process ran 1.22-1.29x and 1.16-1.24x over ATen (AVX512 EPYC), against
-    # 1.11-1.28x over 38 processes. The model state's stack already reads its own copies: 1 there.
+    # moves a cold decode call within a process about half as much as between processes: int8 M=1
+    # 512x2048 `cpp`, four compiles in one process ran 1.22-1.29x and 1.16-1.24x over ATen (AVX512
+    # EPYC), against 1.11-1.28x over 40 processes of one compile each. Two more copies cost 1.7 s per problem
+    # (19.5 -> 21.2 s, minimal grid, 2 processes). The model state's stack reads its own copies: 1 there.
     placements: int = 3
     # The A/A gate: the control's interval may miss 1 by at most this much (2%: the low end of the
     # A/A noise measured on these hosts, 2-5%); beyond it, measure more, then mark the record unreliable.
