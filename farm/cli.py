@@ -53,7 +53,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     overrides = {"timeout_s": args.timeout} if args.timeout else {}
     if args.rounds:
         overrides.update(min_rounds=args.rounds, max_rounds=max(args.rounds, Protocol().max_rounds))
-    if args.placements:
+    if args.placements is not None:  # 0 or less: the protocol's own error
         overrides["placements"] = args.placements
     record = measure(problem, grid=args.grid, protocol=Protocol.from_dict(overrides), isa=args.isa,
                      only=args.candidates.split() if args.candidates else None)

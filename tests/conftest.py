@@ -14,4 +14,4 @@ def quick_protocol() -> Protocol:
     """Few, short rounds in one process: tests check behaviour, benchmarks check speed (the
     tests of repeats ask for more processes themselves)."""
     return Protocol(min_rounds=3, max_rounds=5, extra_rounds_step=2, batch_s=0.002, warmup_s=0.01, timeout_s=120,
-                    processes=1)
+                    processes=1, placements=2)  # two copies exercise the rotation at a third less compile
