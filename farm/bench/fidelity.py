@@ -182,13 +182,26 @@ def delivered_speedup(default_s: list[float], table_s: list[float], resamples: i
 
 def measured_vs_delivered(key: str, entry: dict, delivered: dict, tolerance: float = DELIVERED_TOLERANCE) -> dict:
     """One key: the speedup the farm measured for the table's winner (its entry, pooled over the
-    runs) against the speedup delivered end to end; error = farm / delivered - 1."""
-    farm, got = entry["speedup_vs_aten"], delivered["speedup"]
+    runs) against the speedup delivered end to end; error = farm / delivered - 1.
+
+    Both sides are what one process gets (the entry's speedup_by_process, the delivered side's
+    stats.process_level), where the entry has it: a process is the unit a user draws, and the
+    pooled median weighs each process by its rounds, which the settle rule hands out unevenly.
+    With `delivered["pooled"]` the row also compares the pooled medians (error_pooled)."""
+    farm = entry.get("speedup_by_process") or entry["speedup_vs_aten"]
+    farm_ci = entry.get("speedup_by_process_ci95") or entry["speedup_ci95"]
+    got = delivered["speedup"]
     error = farm / got - 1
-    return {"key": key, "winner": entry["winner"], "farm": farm, "farm_ci95": entry["speedup_ci95"],
-            "delivered": got, "delivered_ci95": delivered["ci95"], "rounds": delivered["rounds"], "error": error,
-            "within": abs(error) <= tolerance,
-            "intervals_overlap": stats.overlap(tuple(entry["speedup_ci95"]), tuple(delivered["ci95"]))}
+    row = {"key": key, "winner": entry["winner"], "farm": farm, "farm_ci95": farm_ci,
+           "delivered": got, "delivered_ci95": delivered["ci95"], "rounds": delivered["rounds"], "error": error,
+           "within": abs(error) <= tolerance, "intervals_overlap": stats.overlap(tuple(farm_ci), tuple(delivered["ci95"]))}
+    if "pooled" in delivered:
+        pooled = delivered["pooled"]
+        error_pooled = entry["speedup_vs_aten"] / pooled["speedup"] - 1
+        row.update(farm_pooled=entry["speedup_vs_aten"], delivered_pooled=pooled["speedup"],
+                   delivered_pooled_ci95=pooled["ci95"], error_pooled=error_pooled,
+                   within_pooled=abs(error_pooled) <= tolerance)
+    return row
 
 
 def delivered_summary(rows: list[dict], tolerance: float = DELIVERED_TOLERANCE,
@@ -196,10 +209,13 @@ def delivered_summary(rows: list[dict], tolerance: float = DELIVERED_TOLERANCE,
     """The share of keys whose farm speedup is within `tolerance` of the delivered one, and the worst."""
     within = sum(1 for r in rows if r["within"])
     share = within / len(rows) if rows else None
+    pooled = [r for r in rows if "within_pooled" in r]
     worst = max(rows, key=lambda r: abs(r["error"]), default=None)
     return {"keys": len(rows), "within": within, "share_within": share, "tolerance": tolerance,
             "target_share": target_share, "meets_target": share is not None and share >= target_share,
             "not_applied": sum(1 for r in rows if not r.get("applied", True)),
+            # the same comparison with the pooled medians on both sides (every round of every process)
+            "within_pooled": sum(1 for r in pooled if r["within_pooled"]) if pooled else None,
             "worst": {k: worst[k] for k in ("key", "winner", "farm", "delivered", "error")} if worst else None,
             "geomean_farm_over_delivered": stats.geomean([r["farm"] / r["delivered"] for r in rows]) if rows else None}
 
@@ -224,6 +240,8 @@ def time_delivered(problem, table: str, protocol, placements: int = DELIVERED_PL
             "table_choices": [r["table_choice"] for r in runs], "weight_state": weight_state(problem),
             "placements": placements, "processes": processes,
             "by_process": [stats.median(stats.paired_speedups(r["default_s"], r["table_s"])) for r in runs],
+            "process_ratios": [stats.paired_speedups(r["default_s"], r["table_s"]) for r in runs],
+            "faults_by_process": [r["faults_per_call"] for r in runs],
             "by_placement": [r["by_placement"] for r in runs]}
 
 
@@ -233,7 +251,7 @@ def time_in_this_process(problem, table: str, protocol, placements: int) -> dict
     pooled: one compile is one sample of where its weights landed."""
     import warnings
 
-    from farm.bench.ops import compile_checked, prepare, time_interleaved
+    from farm.bench.ops import compile_checked, prepare, time_interleaved_counted
 
     # Each fresh process would say it once more: caches are off on purpose (every compile is a placement).
     warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
@@ -247,16 +265,21 @@ def time_in_this_process(problem, table: str, protocol, placements: int) -> dict
                 fns[f"{variant}#{i}"] = compiled.fn
                 if variant == "table" and i == 0:  # what the lowering really chose (None: Inductor's own)
                     choice = [d["candidate"] or "inductor" for d in compiled.decisions]
-    samples = time_interleaved(fns, problem, operands, protocol)
+    samples, faults = time_interleaved_counted(fns, problem, operands, protocol)
     step, resamples = max(protocol.extra_rounds_step, 3), protocol.bootstrap_resamples
+    batches = [faults]
     while (len(samples["default#0"]) < DELIVERED_MAX_ROUNDS
            and _half_width(samples, placements, resamples) > DELIVERED_TOLERANCE / 2):
-        more = time_interleaved(fns, problem, operands, replace(protocol, min_rounds=step, max_rounds=step,
-                                                                seed=protocol.seed + len(samples["default#0"])))
+        more, faults = time_interleaved_counted(fns, problem, operands, replace(
+            protocol, min_rounds=step, max_rounds=step, seed=protocol.seed + len(samples["default#0"])))
+        batches.append(faults)
         for name in samples:
             samples[name] += more[name]
+    # Minor page faults per timed call, per variant over its placements and batches: which allocator
+    # mode this process ran in (a dq dense temporary mapped afresh every call, or reused from the heap).
+    per_call = {v: stats.median([b[f"{v}#{i}"] for b in batches for i in range(placements)]) for v in ("default", "table")}
     return {"default_s": _pooled(samples, "default", placements), "table_s": _pooled(samples, "table", placements),
-            "table_choice": choice,
+            "table_choice": choice, "faults_per_call": per_call,
             "by_placement": [stats.median(stats.paired_speedups(samples[f"default#{i}"], samples[f"table#{i}"]))
                              for i in range(placements)]}
 
@@ -324,11 +347,14 @@ def _delivered_rows(tables: dict, tasks: list, protocol, mode: str, progress) ->
             skipped.append({"key": task.key, "why": "the default won: the table compiles the default's call"})
             continue
         timed = time_delivered(p, path, protocol)
-        row = measured_vs_delivered(task.key, entry, delivered_speedup(timed["default_s"], timed["table_s"],
-                                                                       protocol.bootstrap_resamples))
+        pooled = delivered_speedup(timed["default_s"], timed["table_s"], protocol.bootstrap_resamples)
+        by_process, ci = stats.process_level(timed["process_ratios"], protocol.bootstrap_resamples)
+        row = measured_vs_delivered(task.key, entry, {"speedup": by_process, "ci95": list(ci),
+                                                      "rounds": pooled["rounds"], "pooled": pooled})
         choices = timed["table_choices"]
         row.update(table_choice=choices[0], weight_state=timed["weight_state"], placements=timed["placements"],
                    processes=timed["processes"], delivered_by_process=timed["by_process"],
+                   delivered_faults_by_process=timed["faults_by_process"], farm_processes=entry.get("processes"),
                    delivered_by_placement=timed["by_placement"],
                    applied=all(c and all(x == entry["winner"] for x in c) for c in choices))
         rows.append(row)
@@ -395,9 +421,12 @@ def render(rep: dict, console) -> None:
 def render_delivered(d: dict, console) -> None:
     s = d["summary"]
     share = f"{s['share_within']:.0%}" if s["share_within"] is not None else "n/a"
-    console.print(f"measured vs delivered ({d['mode']}): within {s['tolerance']:.0%} on {s['within']}/{s['keys']} keys "
-                  f"({share}; target {s['target_share']:.0%}: {'met' if s['meets_target'] else 'not met'}); "
-                  f"{len(d['skipped'])} keys skipped; {s['not_applied']} where the table did not apply its winner")
+    console.print(f"measured vs delivered ({d['mode']}, what one process gets on each side): within {s['tolerance']:.0%} "
+                  f"on {s['within']}/{s['keys']} keys ({share}; target {s['target_share']:.0%}: "
+                  f"{'met' if s['meets_target'] else 'not met'}); {len(d['skipped'])} keys skipped; "
+                  f"{s['not_applied']} where the table did not apply its winner")
+    if s.get("within_pooled") is not None:
+        console.print(f"  pooled medians on both sides (every round of every process): within on {s['within_pooled']}/{s['keys']}")
     if s["worst"]:
         w = s["worst"]
         console.print(f"  worst: {w['key']} {w['winner']}: farm {w['farm']:.3f}, delivered {w['delivered']:.3f} "
@@ -405,8 +434,11 @@ def render_delivered(d: dict, console) -> None:
     for r in d["rows"]:
         lo, hi = r["delivered_ci95"]
         per = ", ".join(f"{x:.3f}" for x in r.get("delivered_by_process") or [])
+        faults = r.get("delivered_faults_by_process")
+        faults = "; table faults/call " + ", ".join(f"{f['table']:.0f}" for f in faults) if faults else ""
+        pooled = f"; pooled {r['farm_pooled']:.3f} vs {r['delivered_pooled']:.3f}" if "farm_pooled" in r else ""
         console.print(f"  {r['key']}: {r['winner']} farm {r['farm']:.3f} delivered {r['delivered']:.3f} [{lo:.3f}, {hi:.3f}] "
-                      f"({r['error']:+.1%}; by process {per})"
+                      f"({r['error']:+.1%}; by process {per}{faults}{pooled})"
                       f"{'' if r['applied'] else ' table chose ' + ','.join(r['table_choice'])}")
 
 

@@ -100,16 +100,22 @@ def compile_checked(problem: Problem, operands: Operands, reference: torch.Tenso
 def time_interleaved(fns: dict, problem: Problem, operands: Operands, protocol: Protocol) -> dict[str, list[float]]:
     """Per-round seconds of every callable, interleaved with the farm's protocol in the problem's
     weight state; a graph compiled while timing means some callable did not run its own kernel."""
+    return time_interleaved_counted(fns, problem, operands, protocol)[0]
+
+
+def time_interleaved_counted(fns: dict, problem: Problem, operands: Operands,
+                             protocol: Protocol) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """time_interleaved, and each callable's minor page faults per timed call."""
     from farm.measure.host import profile
     from farm.measure.timing import make_flush
 
     flush = make_flush(profile().l3_bytes) if problem.flushed else None
     before = graphs_compiled()
     with torch.no_grad():
-        samples, _, _ = run_rounds(fns, operands.x, protocol, _noop, flush, stack_size(problem))
+        samples, _, faults = run_rounds(fns, operands.x, protocol, _noop, flush, stack_size(problem))
     if graphs_compiled() != before:
         raise RuntimeError("a variant recompiled while timing: it would not be the kernel it claims")
-    return samples
+    return samples, faults
 
 
 def bench_problem(problem: Problem, table: str, grid: str = "pruned", protocol: Protocol | None = None) -> dict:

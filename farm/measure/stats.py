@@ -40,3 +40,23 @@ def noise_band(control_speedup_ci: tuple[float, float], control_median: float) -
 def geomean(values: list[float]) -> float:
     data = np.asarray([v for v in values if v > 0], dtype=float)
     return float(np.exp(np.mean(np.log(data)))) if data.size else float("nan")
+
+
+def process_level(groups: list[list[float]], resamples: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """Speedup over processes: the geometric mean of each process's median paired ratio (every
+    process one sample of what a user's process gets, whatever its number of rounds), and a
+    two-level percentile bootstrap interval (processes drawn with replacement, then the rounds
+    of each drawn process). `groups`: one list of paired ratios per process."""
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if not groups:
+        return float("nan"), (float("nan"), float("nan"))
+    logs = np.log([np.median(g) for g in groups])
+    rng = np.random.default_rng(seed)
+    # Each process's bootstrap medians, one per resample (log scale): shape (processes, resamples).
+    boot = np.log(np.stack([np.median(g[rng.integers(0, g.size, size=(resamples, g.size))], axis=1) for g in groups]))
+    drawn = rng.integers(0, len(groups), size=(resamples, len(groups)))
+    means = boot[drawn, np.arange(resamples)[:, None]].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(np.exp(logs.mean())), (float(np.exp(low)), float(np.exp(high)))

@@ -43,6 +43,12 @@ class Combined:
     # Per worker process of every record that kept them: did it lead beyond that process's noise?
     # Empty for records of one process written before issue 11 (they decide as before).
     process_leads: list[bool] = field(default_factory=list)
+    # What one worker process measured: the geomean over processes of each one's median ratio
+    # (stats.process_level), and its two-level interval. The pooled `speedup` weighs a process by
+    # its rounds, and the settle rule gives more rounds to the processes that saw a closer call.
+    by_process: float | None = None
+    by_process_ci95: tuple[float, float] | None = None
+    processes: int = 0
 
 
 def problem_key(problem: dict) -> tuple:
@@ -86,6 +92,7 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
     """Pool the records of one key (one per host or run) candidate by candidate."""
     out: dict[str, Combined] = {}
     pooled: dict[str, list[float]] = defaultdict(list)
+    groups: dict[str, list[list[float]]] = defaultdict(list)
     times: dict[str, list[float]] = defaultdict(list)
     for record in sorted(records, key=lambda r: (_host_name(r), r["provenance"]["measured_at"])):
         aten = next((c for c in record["candidates"] if c["id"] == ATEN and c["status"] == "ok"), None)
@@ -98,6 +105,7 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
                 continue
             speedups = stats.paired_speedups(aten["samples_us"], cand["samples_us"])
             pooled[cand["id"]] += speedups
+            groups[cand["id"]] += process_groups(speedups, cand)
             times[cand["id"]] += cand["samples_us"]
             entry.per_host[_host_name(record)] = stats.median(speedups)
             entry.process_leads += _record_leads(record, cand)
@@ -108,9 +116,21 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
             entry.median_us = stats.median(times[cid])
             entry.ci95_us = stats.bootstrap_ci(times[cid], resamples)
             entry.samples = len(pooled[cid])
+            entry.by_process, entry.by_process_ci95 = stats.process_level(groups[cid], resamples)
+            entry.processes = len(groups[cid])
         else:
             entry.ok = False
     return out
+
+
+def process_groups(speedups: list[float], cand: dict) -> list[list[float]]:
+    """A record's paired ratios of one candidate split by worker process (samples_us is pooled in
+    process order); one group where the record kept no per-process rounds or they do not add up."""
+    rounds = [p["rounds"] for p in cand.get("per_process") or []]
+    if not rounds or sum(rounds) != len(speedups):
+        return [speedups]
+    starts = [sum(rounds[:i]) for i in range(len(rounds))]
+    return [speedups[s:s + n] for s, n in zip(starts, rounds)]
 
 
 def _record_leads(record: dict, cand: dict) -> list[bool]:
@@ -190,6 +210,10 @@ def _entry(key: tuple, measured: list[dict], resamples: int) -> tuple[dict, dict
         "ci95_us": [round(v, 3) for v in winner.ci95_us],
         "speedup_vs_aten": round(winner.speedup, 4),
         "speedup_ci95": [round(v, 4) for v in winner.ci95],
+        # What one process of the farm measured (farm fidelity compares it with the delivered one).
+        "speedup_by_process": round(winner.by_process, 4),
+        "speedup_by_process_ci95": [round(v, 4) for v in winner.by_process_ci95],
+        "processes": winner.processes,
         "runner_up": runner.id if runner else None,
         "runner_up_speedup": round(runner.speedup, 4) if runner else None,
         "runner_up_ci95": [round(v, 4) for v in runner.ci95] if runner else None,
