@@ -121,6 +121,101 @@ def test_aggregate_carries_what_one_process_measured():
     assert combine([flat])[CAND].processes == 1
 
 
+def _record_with_faults(processes, faults):
+    """_record_of, with each process's page faults per timed call of CAND, and a real provenance."""
+    final = {cid: {"status": "ok", "compile_s": 1.0} for cid in processes[0]}
+    host = {"isa": "avx512", "emulated": False, "capabilities": {}, "cpu": "cpu", "cores": 2, "torch": "t",
+            "threads": 2, "l3_bytes": 1 << 25, "hostname": "h1", "vendor": "amd"}
+    rec = build_record(host, Problem("int8", "bf16", 128, 256, 256, threads=2), list(processes[0]), final,
+                       processes, {}, Protocol(), {}, [{CAND: f, "aten": 0.0} for f in faults])
+    rec["provenance"] = record("h1", "int8", 128, {})["provenance"]
+    return rec
+
+
+def test_processes_in_two_allocator_modes_are_kept_apart():
+    from farm.measure.record import MAPS_PER_CALL_FAULTS, allocator_mode
+
+    assert allocator_mode(None) is None and allocator_mode(0) == allocator_mode(MAPS_PER_CALL_FAULTS - 1) == "reuses"
+    assert allocator_mode(MAPS_PER_CALL_FAULTS) == allocator_mode(8193) == "maps"
+    # dq's temporary mapped afresh in two processes (1.2x), reused from the heap in one (2.2x)
+    rec = _record_with_faults([_process(120, 100, seed=0), _process(220, 100, seed=10), _process(120, 100, seed=20)],
+                              [8193, 0, 8193])
+    split = combine([rec])[CAND].by_mode
+    assert split["maps"]["processes"] == 2 and split["maps"]["speedup_by_process"] == pytest.approx(1.2, rel=0.02)
+    assert split["reuses"]["processes"] == 1 and split["reuses"]["speedup_by_process"] == pytest.approx(2.2, rel=0.02)
+    # one mode only, or nothing counted: nothing to keep apart
+    assert combine([_record_with_faults([_process(120, 100), _process(120, 100, seed=10)], [0, 5])])[CAND].by_mode is None
+    rec["provenance"]["measured_at"] = "2026-11-27T00:00:00+00:00"
+    (entry,) = aggregate([rec], rec["provenance"]["torch"], rec["provenance"]["template_hash"]).tables[
+        ("avx512", "amd", 2)]["entries"]
+    assert entry["allocator_modes"] == split and entry["processes"] == 3
+
+
+def test_the_farm_is_compared_in_the_delivered_processes_allocator_mode():
+    from farm.bench.fidelity import measured_vs_delivered, same_mode
+
+    entry = {"winner": "dq", "speedup_vs_aten": 1.23, "speedup_ci95": [1.2, 1.3], "speedup_by_process": 1.39,
+             "speedup_by_process_ci95": [1.2, 1.9],
+             "allocator_modes": {"maps": {"processes": 3, "speedup_by_process": 1.2},
+                                 "reuses": {"processes": 1, "speedup_by_process": 2.18}}}
+    row = measured_vs_delivered("k", entry, {"speedup": 1.16, "ci95": [1.14, 1.18], "rounds": 99})
+    assert not row["within"]
+    got = same_mode(row, entry, [{"default": 0, "table": 8193}] * 3)
+    assert got["same_mode"] == "maps" and got["farm_same_mode"] == 1.2 and got["within_same_mode"]
+    assert got["error_same_mode"] == pytest.approx(1.2 / 1.16 - 1)
+    # delivered processes in both modes, or a farm that did not split: the row's own comparison
+    mixed = same_mode(row, entry, [{"default": 0, "table": 8193}, {"default": 0, "table": 0}])
+    assert mixed == {"delivered_modes": ["maps", "reuses"], "error_same_mode": row["error"], "within_same_mode": False}
+    plain = same_mode(row, dict(entry, allocator_modes=None), [{"default": 0, "table": 8193}])
+    assert "farm_same_mode" not in plain and plain["within_same_mode"] == row["within"]
+
+
+def test_rescore_compares_a_saved_run_with_this_versions_entries(tmp_path, capsys):
+    import json
+
+    from farm.bench.fidelity import rescore
+
+    runs = [_record_with_faults([_process(120, 100, seed=s), _process(220, 100, seed=s + 1)], [8193, 0])
+            for s in (0, 10)]
+    key = "int8/bf16/m128/n256/k256/g-/t2/warm"
+    row = {"key": key, "winner": CAND, "farm": 1.5, "delivered": 1.21, "delivered_ci95": [1.2, 1.22], "rounds": 60,
+           "delivered_by_process": [1.2, 1.22], "within": False,
+           "delivered_faults_by_process": [{"default": 0, "table": 9000}, {"default": 0, "table": 9000}]}
+    saved = {"problems": 1, "delivered": {"mode": "all", "rows": [row], "skipped": []}}
+    rep = rescore(saved, runs)
+    assert rep["runs"] == 2 and rep["agreement"]["keys"] == 1
+    (new,) = rep["delivered"]["rows"]
+    # an old row: its delivered processes' geomean is compared, its pooled figure kept beside
+    assert new["delivered"] == pytest.approx((1.2 * 1.22) ** 0.5) and new["delivered_pooled"] == 1.21
+    assert new["farm"] == pytest.approx((1.2 * 2.2) ** 0.5, rel=0.02) and not new["within"]
+    assert new["farm_same_mode"] == pytest.approx(1.2, rel=0.02) and new["within_same_mode"]
+    assert rep["delivered"]["summary"]["within_same_mode"] == 1 and rep["delivered"]["summary"]["within"] == 0
+    with pytest.raises(Exception, match="do not split into runs"):
+        rescore({"problems": 2, "delivered": saved["delivered"]}, runs[:1] * 3)
+    # the command line: the same from files; without records or a spec, a clear refusal (exit 2)
+    from farm.cli import main
+
+    report_path, records_path = tmp_path / "report.json", tmp_path / "records.jsonl"
+    report_path.write_text(json.dumps(saved))
+    records_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert main(["fidelity", "--rescore", str(report_path), "--records", str(records_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["delivered"]["summary"]["within_same_mode"] == 1
+    assert main(["fidelity", "--rescore", str(report_path)]) == 2
+    assert main(["fidelity"]) == 2
+    assert "name a sweep spec" in capsys.readouterr().err
+
+
+def test_the_aa_summary_also_reads_the_control_over_processes():
+    from farm.bench.fidelity import aa_summary
+
+    # Two processes whose A/A controls sit at 1.03 (41 rounds) and 0.99 (11 rounds): the pooled
+    # rounds put the control's interval above 1; over processes it holds 1.
+    rec = _record_of([_process(100, 80, aa_us=97, n=41, seed=0), _process(100, 80, aa_us=101, n=11, seed=10)])
+    summary = aa_summary([rec])
+    assert summary["with_control"] == 1 and summary["control_holds_1"] == 0
+    assert summary["control_holds_1_by_process"] == 1
+
+
 def test_a_lead_in_one_process_only_does_not_win():
     # Pooled, the candidate looks 1.1x faster; in two of three processes it is ATen's equal.
     rec = _record_of([_process(100, 70, seed=0), _process(100, 100, seed=10), _process(100, 100, seed=20)])

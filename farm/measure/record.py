@@ -95,6 +95,39 @@ def _speedups(process: Samples, cid: str) -> list[float]:
     return stats.paired_speedups(process[ATEN], process[cid]) if ATEN in process else []
 
 
+# A process whose candidate took at least this many minor page faults per timed call maps memory
+# afresh in every call (1 MiB of it): a dq dense temporary above glibc's mmap threshold, which
+# other processes of the same code may serve from a free heap chunk with none (int8 M=128
+# 2048x8192 `dq`: 8193 faults a call at 1.2x over ATen, 0 at 2.2x). Other kernels count 0-10.
+MAPS_PER_CALL_FAULTS = 256
+ALLOCATOR_MODES = ("maps", "reuses")
+
+
+def allocator_mode(faults_per_call: float | None) -> str | None:
+    """'maps' (memory mapped afresh in every call), 'reuses', or None where not counted."""
+    if faults_per_call is None:
+        return None
+    return "maps" if faults_per_call >= MAPS_PER_CALL_FAULTS else "reuses"
+
+
+def process_modes(cand: dict, groups: int) -> list[str | None]:
+    """The allocator mode of each of a record's process groups (process_groups) of one candidate."""
+    per_process = cand.get("per_process") or []
+    if len(per_process) != groups:
+        return [None] * groups
+    return [allocator_mode(p.get("faults_per_call")) for p in per_process]
+
+
+def process_groups(speedups: list[float], cand: dict) -> list[list[float]]:
+    """A record's paired ratios of one candidate split by worker process (samples_us is pooled in
+    process order); one group where the record kept no per-process rounds or they do not add up."""
+    rounds = [p["rounds"] for p in cand.get("per_process") or []]
+    if not rounds or sum(rounds) != len(speedups):
+        return [speedups]
+    starts = [sum(rounds[:i]) for i in range(len(rounds))]
+    return [speedups[s:s + n] for s, n in zip(starts, rounds)]
+
+
 def _process_figures(index: int, process: Samples, cid: str, resamples: int,
                      page_faults: dict[str, float] | None = None) -> dict:
     """One process's figures for one candidate (kept in the record: repeats are evidence)."""

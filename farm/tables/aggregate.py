@@ -18,7 +18,8 @@ from kernels.table import REGRET_THRESHOLD, TABLE_SCHEMA
 
 from farm.measure import stats
 from farm.measure.host import record_vendor
-from farm.measure.record import beyond_noise, leads_in_processes, process_leads, process_offset, quorum
+from farm.measure.record import (ALLOCATOR_MODES, beyond_noise, leads_in_processes, process_groups, process_leads,
+                                 process_modes, process_offset, quorum)
 from farm.measure.store import host_name
 
 # A neighbour M bucket may borrow this entry's winner when it loses at most 3% against its
@@ -49,6 +50,9 @@ class Combined:
     by_process: float | None = None
     by_process_ci95: tuple[float, float] | None = None
     processes: int = 0
+    # Where the processes split between allocator modes (record.allocator_mode): per mode, the
+    # number of processes and their by_process figure; None where they did not split.
+    by_mode: dict[str, dict] | None = None
 
 
 def problem_key(problem: dict) -> tuple:
@@ -93,6 +97,7 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
     out: dict[str, Combined] = {}
     pooled: dict[str, list[float]] = defaultdict(list)
     groups: dict[str, list[list[float]]] = defaultdict(list)
+    modes: dict[str, list[str | None]] = defaultdict(list)
     times: dict[str, list[float]] = defaultdict(list)
     for record in sorted(records, key=lambda r: (_host_name(r), r["provenance"]["measured_at"])):
         aten = next((c for c in record["candidates"] if c["id"] == ATEN and c["status"] == "ok"), None)
@@ -105,7 +110,9 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
                 continue
             speedups = stats.paired_speedups(aten["samples_us"], cand["samples_us"])
             pooled[cand["id"]] += speedups
-            groups[cand["id"]] += process_groups(speedups, cand)
+            split = process_groups(speedups, cand)
+            groups[cand["id"]] += split
+            modes[cand["id"]] += process_modes(cand, len(split))
             times[cand["id"]] += cand["samples_us"]
             entry.per_host[_host_name(record)] = stats.median(speedups)
             entry.process_leads += _record_leads(record, cand)
@@ -118,19 +125,21 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
             entry.samples = len(pooled[cid])
             entry.by_process, entry.by_process_ci95 = stats.process_level(groups[cid], resamples)
             entry.processes = len(groups[cid])
+            entry.by_mode = _by_mode(groups[cid], modes[cid], resamples)
         else:
             entry.ok = False
     return out
 
 
-def process_groups(speedups: list[float], cand: dict) -> list[list[float]]:
-    """A record's paired ratios of one candidate split by worker process (samples_us is pooled in
-    process order); one group where the record kept no per-process rounds or they do not add up."""
-    rounds = [p["rounds"] for p in cand.get("per_process") or []]
-    if not rounds or sum(rounds) != len(speedups):
-        return [speedups]
-    starts = [sum(rounds[:i]) for i in range(len(rounds))]
-    return [speedups[s:s + n] for s, n in zip(starts, rounds)]
+def _by_mode(groups: list[list[float]], modes: list[str | None], resamples: int) -> dict[str, dict] | None:
+    """Per allocator mode, the processes in it and what they measured, where both modes occurred."""
+    if not set(ALLOCATOR_MODES) <= set(modes):
+        return None
+    out = {}
+    for mode in ALLOCATOR_MODES:
+        mine = [g for g, m in zip(groups, modes) if m == mode]
+        out[mode] = {"processes": len(mine), "speedup_by_process": round(stats.process_level(mine, resamples)[0], 4)}
+    return out
 
 
 def _record_leads(record: dict, cand: dict) -> list[bool]:
@@ -214,6 +223,9 @@ def _entry(key: tuple, measured: list[dict], resamples: int) -> tuple[dict, dict
         "speedup_by_process": round(winner.by_process, 4),
         "speedup_by_process_ci95": [round(v, 4) for v in winner.by_process_ci95],
         "processes": winner.processes,
+        # Processes that split between allocator modes (a dq temporary mapped afresh every call in
+        # some, reused from the heap in others): each mode's figure. null where they did not.
+        "allocator_modes": winner.by_mode,
         "runner_up": runner.id if runner else None,
         "runner_up_speedup": round(runner.speedup, 4) if runner else None,
         "runner_up_ci95": [round(v, 4) for v in runner.ci95] if runner else None,

@@ -68,19 +68,30 @@ def show(path: str, console: Console | None = None) -> None:
     table = RichTable(title=f"{path}: {doc['isa']}{' (emulated)' if doc['emulated'] else ''}{vendor}, {doc['threads']} threads, "
                             f"torch {doc['torch']}, template {doc['template_hash']}, {len(doc['entries'])} entries",
                       title_justify="left")
-    for col in ("op", "dtype", "M", "N", "K", "group", "winner", "us", "speedup", "95% CI", "runner-up", "nearest-M", "note"):
+    for col in ("op", "dtype", "M", "N", "K", "group", "winner", "us", "speedup", "95% CI", "per process",
+                "runner-up", "nearest-M", "note"):
         table.add_column(col)
     for e in doc["entries"]:
         k = e["key"]
-        note = e.get("disagreement") or ""
+        note = e.get("disagreement") or _modes_note(e.get("allocator_modes"))
+        per_process = (f"{e['speedup_by_process']:.3f} ({e['processes']})"
+                       if e.get("speedup_by_process") is not None else "-")  # tables written before it lack it
         table.add_row(k["op"], k["dtype"], str(k["m"]), str(k["n"]), str(k["k"]), str(k["group_size"] or "-"),
                       escape(e["winner"]), f"{e['median_us']:.1f}", f"{e['speedup_vs_aten']:.3f}",
-                      f"[{e['speedup_ci95'][0]:.3f}, {e['speedup_ci95'][1]:.3f}]", escape(e.get("runner_up") or "-"),
-                      "yes" if e["nearest_m_ok"] else "no", escape(note[:60]))
+                      f"[{e['speedup_ci95'][0]:.3f}, {e['speedup_ci95'][1]:.3f}]", per_process,
+                      escape(e.get("runner_up") or "-"), "yes" if e["nearest_m_ok"] else "no", escape(note[:60]))
     console = console or Console(width=220)
     console.print(table)
     console.print(escape(rule_summary(doc)))
     console.print(escape(transfer_summary(doc)))
+
+
+def _modes_note(modes: dict | None) -> str:
+    """Where the winner's processes split between allocator modes: each mode's figure."""
+    if not modes:
+        return ""
+    return "allocator modes: " + ", ".join(f"{mode} {m['speedup_by_process']:.2f} ({m['processes']})"
+                                           for mode, m in modes.items())
 
 
 def transfer_summary(doc: dict) -> str:
