@@ -192,6 +192,8 @@ def test_rescore_compares_a_saved_run_with_this_versions_entries(tmp_path, capsy
     assert rep["delivered"]["summary"]["within_same_mode"] == 1 and rep["delivered"]["summary"]["within"] == 0
     with pytest.raises(Exception, match="do not split into runs"):
         rescore({"problems": 2, "delivered": saved["delivered"]}, runs[:1] * 3)
+    with pytest.raises(Exception, match="has no record among the records"):
+        rescore({"problems": 1, "delivered": {**saved["delivered"], "rows": [dict(row, key="int8/x")]}}, runs)
     # the command line: the same from files; without records or a spec, a clear refusal (exit 2)
     from farm.cli import main
 

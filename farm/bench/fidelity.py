@@ -418,10 +418,14 @@ def rescore(saved: dict, records: list[dict]) -> dict:
     with tempfile.TemporaryDirectory(prefix="farm-fidelity-") as workdir:
         tables = _tables_by_weights(records, workdir)
         for old in saved["delivered"]["rows"]:
+            if old["key"] not in problems:
+                raise UserError(f"--rescore: the report's row {old['key']} has no record among the records given")
             p, isa = problems[old["key"]]["problem"], problems[old["key"]]["host"]["isa"]
             doc = tables.get((p["weights"], isa, p["threads"]), (None, {"entries": []}))[1]
             key = {f: p[f] for f in ("op", "dtype", "m", "n", "k", "group_size")}
-            entry = next(e for e in doc["entries"] if e["key"] == key)
+            entry = next((e for e in doc["entries"] if e["key"] == key), None)
+            if entry is None:
+                raise UserError(f"--rescore: the records of {old['key']} give no table entry (ATen did not measure ok)")
             per = old.get("delivered_by_process") or []
             if "delivered_pooled" in old:
                 figures = {"speedup": old["delivered"], "ci95": old["delivered_ci95"],
