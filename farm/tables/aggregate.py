@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from kernels.candidates import AA_CONTROL, ATEN, LIBRARY_GEMM_KINDS, CandidateError, parse, transfers_across_threads
 from kernels.provenance import threads_hash
@@ -44,15 +45,43 @@ class Combined:
     # Per worker process of every record that kept them: did it lead beyond that process's noise?
     # Empty for records of one process written before issue 11 (they decide as before).
     process_leads: list[bool] = field(default_factory=list)
+    # Paired ratios per worker process (record.process_groups) and each one's allocator mode.
+    process_ratios: list[list[float]] = field(default_factory=list)
+    allocator_modes: list[str | None] = field(default_factory=list)
+    resamples: int = 2000
+
     # What one worker process measured: the geomean over processes of each one's median ratio
     # (stats.process_level), and its two-level interval. The pooled `speedup` weighs a process by
     # its rounds, and the settle rule gives more rounds to the processes that saw a closer call.
-    by_process: float | None = None
-    by_process_ci95: tuple[float, float] | None = None
-    processes: int = 0
-    # Where the processes split between allocator modes (record.allocator_mode): per mode, the
-    # number of processes and their by_process figure; None where they did not split.
-    by_mode: dict[str, dict] | None = None
+    # Derived on demand: only the winner's reach the table, and each is a bootstrap.
+    @cached_property
+    def _process_level(self) -> tuple[float, tuple[float, float]]:
+        return stats.process_level(self.process_ratios, self.resamples)
+
+    @property
+    def by_process(self) -> float:
+        return self._process_level[0]
+
+    @property
+    def by_process_ci95(self) -> tuple[float, float]:
+        return self._process_level[1]
+
+    @property
+    def processes(self) -> int:
+        return len(self.process_ratios)
+
+    @cached_property
+    def by_mode(self) -> dict[str, dict] | None:
+        """Where the processes split between allocator modes (record.allocator_mode): per mode, the
+        number of processes and their by_process figure; None where they did not split."""
+        if not set(ALLOCATOR_MODES) <= set(self.allocator_modes):
+            return None
+        out = {}
+        for mode in ALLOCATOR_MODES:
+            mine = [g for g, m in zip(self.process_ratios, self.allocator_modes) if m == mode]
+            out[mode] = {"processes": len(mine),
+                         "speedup_by_process": round(stats.process_level(mine, self.resamples)[0], 4)}
+        return out
 
 
 def problem_key(problem: dict) -> tuple:
@@ -96,13 +125,11 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
     """Pool the records of one key (one per host or run) candidate by candidate."""
     out: dict[str, Combined] = {}
     pooled: dict[str, list[float]] = defaultdict(list)
-    groups: dict[str, list[list[float]]] = defaultdict(list)
-    modes: dict[str, list[str | None]] = defaultdict(list)
     times: dict[str, list[float]] = defaultdict(list)
     for record in sorted(records, key=lambda r: (_host_name(r), r["provenance"]["measured_at"])):
         aten = next((c for c in record["candidates"] if c["id"] == ATEN and c["status"] == "ok"), None)
         for cand in record["candidates"]:
-            entry = out.setdefault(cand["id"], Combined(cand["id"], ok=True))
+            entry = out.setdefault(cand["id"], Combined(cand["id"], ok=True, resamples=resamples))
             if cand["status"] != "ok" or aten is None or emulation_blind(record, cand["id"]):
                 entry.ok = False
                 status = "emulation_blind" if cand["status"] == "ok" and aten is not None else cand["status"]
@@ -111,8 +138,8 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
             speedups = stats.paired_speedups(aten["samples_us"], cand["samples_us"])
             pooled[cand["id"]] += speedups
             split = process_groups(speedups, cand)
-            groups[cand["id"]] += split
-            modes[cand["id"]] += process_modes(cand, len(split))
+            entry.process_ratios += split
+            entry.allocator_modes += process_modes(cand, len(split))
             times[cand["id"]] += cand["samples_us"]
             entry.per_host[_host_name(record)] = stats.median(speedups)
             entry.process_leads += _record_leads(record, cand)
@@ -123,22 +150,8 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
             entry.median_us = stats.median(times[cid])
             entry.ci95_us = stats.bootstrap_ci(times[cid], resamples)
             entry.samples = len(pooled[cid])
-            entry.by_process, entry.by_process_ci95 = stats.process_level(groups[cid], resamples)
-            entry.processes = len(groups[cid])
-            entry.by_mode = _by_mode(groups[cid], modes[cid], resamples)
         else:
             entry.ok = False
-    return out
-
-
-def _by_mode(groups: list[list[float]], modes: list[str | None], resamples: int) -> dict[str, dict] | None:
-    """Per allocator mode, the processes in it and what they measured, where both modes occurred."""
-    if not set(ALLOCATOR_MODES) <= set(modes):
-        return None
-    out = {}
-    for mode in ALLOCATOR_MODES:
-        mine = [g for g, m in zip(groups, modes) if m == mode]
-        out[mode] = {"processes": len(mine), "speedup_by_process": round(stats.process_level(mine, resamples)[0], 4)}
     return out
 
 
