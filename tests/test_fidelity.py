@@ -152,22 +152,27 @@ def test_processes_in_two_allocator_modes_are_kept_apart():
 
 
 def test_the_farm_is_compared_in_the_delivered_processes_allocator_mode():
-    from farm.bench.fidelity import measured_vs_delivered, same_mode
+    from farm.bench.fidelity import delivered_summary, measured_vs_delivered
 
     entry = {"winner": "dq", "speedup_vs_aten": 1.23, "speedup_ci95": [1.2, 1.3], "speedup_by_process": 1.39,
              "speedup_by_process_ci95": [1.2, 1.9],
              "allocator_modes": {"maps": {"processes": 3, "speedup_by_process": 1.2},
                                  "reuses": {"processes": 1, "speedup_by_process": 2.18}}}
-    row = measured_vs_delivered("k", entry, {"speedup": 1.16, "ci95": [1.14, 1.18], "rounds": 99})
-    assert not row["within"]
-    got = same_mode(row, entry, [{"default": 0, "table": 8193}] * 3)
-    assert got["same_mode"] == "maps" and got["farm_same_mode"] == 1.2 and got["within_same_mode"]
-    assert got["error_same_mode"] == pytest.approx(1.2 / 1.16 - 1)
-    # delivered processes in both modes, or a farm that did not split: the row's own comparison
-    mixed = same_mode(row, entry, [{"default": 0, "table": 8193}, {"default": 0, "table": 0}])
-    assert mixed == {"delivered_modes": ["maps", "reuses"], "error_same_mode": row["error"], "within_same_mode": False}
-    plain = same_mode(row, dict(entry, allocator_modes=None), [{"default": 0, "table": 8193}])
-    assert "farm_same_mode" not in plain and plain["within_same_mode"] == row["within"]
+    got = {"speedup": 1.16, "ci95": [1.14, 1.18], "rounds": 99}
+    row = measured_vs_delivered("k", entry, got, delivered_faults=[{"default": 0, "table": 8193}] * 3)
+    assert row["farm_mode"] == "maps" and row["farm"] == 1.2 and row["within"]
+    assert row["error"] == pytest.approx(1.2 / 1.16 - 1) and row["delivered_modes"] == ["maps"] * 3
+    # the figure over all the farm's processes beside it, whatever their modes
+    assert row["farm_all_modes"] == 1.39 and not row["within_all_modes"]
+    assert row["error_all_modes"] == pytest.approx(1.39 / 1.16 - 1)
+    # delivered processes in both modes, none counted, or a farm that did not split: all of the farm's processes
+    for faults, split in (([{"default": 0, "table": 8193}, {"default": 0, "table": 0}], entry["allocator_modes"]),
+                          (None, entry["allocator_modes"]), ([{"default": 0, "table": 8193}], None)):
+        plain = measured_vs_delivered("k", dict(entry, allocator_modes=split), got, delivered_faults=faults)
+        assert plain["farm_mode"] is None and plain["farm"] == 1.39 and not plain["within"]
+        assert plain["within_all_modes"] == plain["within"]
+    summary = delivered_summary([row, plain])
+    assert (summary["within"], summary["within_all_modes"], summary["compared_in_mode"]) == (1, 0, 1)
 
 
 def test_rescore_compares_a_saved_run_with_this_versions_entries(tmp_path, capsys):
@@ -187,9 +192,10 @@ def test_rescore_compares_a_saved_run_with_this_versions_entries(tmp_path, capsy
     (new,) = rep["delivered"]["rows"]
     # an old row: its delivered processes' geomean is compared, its pooled figure kept beside
     assert new["delivered"] == pytest.approx((1.2 * 1.22) ** 0.5) and new["delivered_pooled"] == 1.21
-    assert new["farm"] == pytest.approx((1.2 * 2.2) ** 0.5, rel=0.02) and not new["within"]
-    assert new["farm_same_mode"] == pytest.approx(1.2, rel=0.02) and new["within_same_mode"]
-    assert rep["delivered"]["summary"]["within_same_mode"] == 1 and rep["delivered"]["summary"]["within"] == 0
+    # the farm in the delivered processes' allocator mode (both mapped), over all its processes beside
+    assert new["farm"] == pytest.approx(1.2, rel=0.02) and new["farm_mode"] == "maps" and new["within"]
+    assert new["farm_all_modes"] == pytest.approx((1.2 * 2.2) ** 0.5, rel=0.02) and not new["within_all_modes"]
+    assert rep["delivered"]["summary"]["within_all_modes"] == 0 and rep["delivered"]["summary"]["within"] == 1
     with pytest.raises(Exception, match="do not split into runs"):
         rescore({"problems": 2, "delivered": saved["delivered"]}, runs[:1] * 3)
     with pytest.raises(Exception, match="has no record among the records"):
@@ -201,7 +207,7 @@ def test_rescore_compares_a_saved_run_with_this_versions_entries(tmp_path, capsy
     report_path.write_text(json.dumps(saved))
     records_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
     assert main(["fidelity", "--rescore", str(report_path), "--records", str(records_path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["delivered"]["summary"]["within_same_mode"] == 1
+    assert json.loads(capsys.readouterr().out)["delivered"]["summary"]["within"] == 1
     assert main(["fidelity", "--rescore", str(report_path)]) == 2
     assert main(["fidelity"]) == 2
     assert "name a sweep spec" in capsys.readouterr().err
@@ -493,19 +499,29 @@ def test_measured_vs_delivered_statistics():
 
 
 @pytest.mark.slow
-def test_delivered_speedup_of_a_real_tiny_problem(quick_protocol):
-    """A real measurement, its table, and the problem compiled with that table and with the
-    default, timed end to end in fresh processes: the row compares the two speedups."""
-    from farm.bench.fidelity import DELIVERED_MAX_ROUNDS, DELIVERED_PLACEMENTS, DELIVERED_PROCESSES, delivered
+def test_delivered_speedup_of_a_real_tiny_problem(quick_protocol, tmp_path):
+    """`farm fidelity SPEC --delivered all`: a real measurement, its table, and the problem compiled
+    with that table and with the default, timed end to end in fresh processes right after the
+    key's farm run: the row compares the two speedups."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from farm.bench.fidelity import DELIVERED_MAX_ROUNDS, DELIVERED_PLACEMENTS, DELIVERED_PROCESSES, delivered, run
     from farm.measure.stats import geomean
     from farm.measure.host import native_isa
     from farm.sweep.spec import Task
 
-    problem = Problem("int8", "bf16", 32, 256, 512, threads=2)
-    record = measure(problem, protocol=quick_protocol, only=["cpp"])
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "tiny", "isa": "host", "threads": [2], "space": "minimal", "weights": ["warm"],
+        "protocol": asdict(quick_protocol),
+        "problems": [{"model": "tiny", "layers": {"p": [256, 512]}, "ops": ["int8"], "dtypes": ["bf16"], "m": [32]}]}))
+    rep, ((record,),) = run(str(spec), runs=1, delivered_mode="all")
     assert record["winner"] is not None, record["winner_rule"]
-    out = delivered([[record]], [Task(problem, native_isa(), "tiny.p")], quick_protocol, mode="all")
+    out = rep["delivered"]
     (row,) = out["rows"]
+    assert 0 <= row["delivered_after_s"] < 60  # timed right after the key's farm run
     winner = next(c for c in record["candidates"] if c["id"] == row["winner"])
     # The farm's figure is the table entry's: one record, so what its processes measured, each alike;
     # the pooled one is the winner's own speedup over ATen.
@@ -532,7 +548,8 @@ def test_delivered_speedup_of_a_real_tiny_problem(quick_protocol):
     assert min(row["delivered_by_process"]) <= row["delivered"] <= max(row["delivered_by_process"])
     assert row["error"] == pytest.approx(row["farm"] / row["delivered"] - 1)
     assert out["summary"]["keys"] == 1 and out["summary"]["within"] == int(row["within"])
-    winners_only = delivered([[record]], [Task(problem, native_isa(), "tiny.p")], quick_protocol)
+    winners_only = delivered([[record]], [Task(Problem.from_dict(record["problem"]), native_isa(), "tiny.p")],
+                             quick_protocol)
     assert (len(winners_only["rows"]), len(winners_only["skipped"])) == ((0, 1) if row["winner"] == "aten" else (1, 0))
 
 

@@ -118,6 +118,12 @@ def process_modes(cand: dict, groups: int) -> list[str | None]:
     return [allocator_mode(p.get("faults_per_call")) for p in per_process]
 
 
+def paired_by_process(aten: dict, cand: dict) -> tuple[list[float], list[list[float]]]:
+    """A candidate's paired ratios over ATen in one record: pooled, and split by worker process."""
+    speedups = stats.paired_speedups(aten["samples_us"], cand["samples_us"])
+    return speedups, process_groups(speedups, cand)
+
+
 def process_groups(speedups: list[float], cand: dict) -> list[list[float]]:
     """A record's paired ratios of one candidate split by worker process (samples_us is pooled in
     process order); one group where the record kept no per-process rounds or they do not add up."""

@@ -19,7 +19,7 @@ from kernels.table import REGRET_THRESHOLD, TABLE_SCHEMA
 
 from farm.measure import stats
 from farm.measure.host import record_vendor
-from farm.measure.record import (ALLOCATOR_MODES, beyond_noise, leads_in_processes, process_groups, process_leads,
+from farm.measure.record import (ALLOCATOR_MODES, beyond_noise, leads_in_processes, paired_by_process, process_leads,
                                  process_modes, process_offset, quorum)
 from farm.measure.store import host_name
 
@@ -135,9 +135,8 @@ def combine(records: list[dict], resamples: int = 2000) -> dict[str, Combined]:
                 status = "emulation_blind" if cand["status"] == "ok" and aten is not None else cand["status"]
                 entry.errors.append(f"{_host_name(record)}: {status}")
                 continue
-            speedups = stats.paired_speedups(aten["samples_us"], cand["samples_us"])
+            speedups, split = paired_by_process(aten, cand)
             pooled[cand["id"]] += speedups
-            split = process_groups(speedups, cand)
             entry.process_ratios += split
             entry.allocator_modes += process_modes(cand, len(split))
             times[cand["id"]] += cand["samples_us"]
