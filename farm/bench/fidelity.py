@@ -14,8 +14,8 @@ reports, as pure functions over the records:
   another) and the best candidate's per-process speedups;
 - wall time per problem and the timing share of it;
 - with --delivered: the farm's speedup for the table's winner against the speedup delivered
-  end to end. The runs' records are aggregated into a table (one per weight state), and each
-  problem is compiled as a user compiles it, with that table installed and with Inductor's
+  end to end. Each key's records of every run are aggregated into a table, and its problem is
+  compiled as a user compiles it, with that table installed and with Inductor's
   default (ATen), both timed paired and interleaved in the record's weight state
   (farm.bench.ops's machinery), in DELIVERED_PROCESSES fresh processes, right after the key's last
   farm run; both sides are compared as what one process gets (the entry's speedup_by_process
@@ -187,7 +187,7 @@ DELIVERED_PLACEMENTS = 2
 # process gave 2.35 with its three placements within 1%, the run before another gave 1.93), and
 # so does a user's. The farm's figure pools its processes; the delivered one must too. Four: the
 # farm's two runs of two processes each. With three, the delivered processes of one key had a median
-# SD of 2.2% and range of 4.2% (48 keys, AVX512 EPYC, sixteenth session); a fourth costs about 15 s a key.
+# SD of 2.2% and range of 4.2% (48 keys, AVX512 EPYC, sixteenth session); a fourth costs about 20 s a key.
 DELIVERED_PROCESSES = 4
 
 
