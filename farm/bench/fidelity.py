@@ -213,18 +213,19 @@ def measured_vs_delivered(key: str, entry: dict, delivered: dict, tolerance: flo
     process), the farm's figure is that mode's; the figure over all its processes stays beside
     (error_all_modes). With `delivered["pooled"]` the row also compares the pooled medians."""
     all_modes = entry.get("speedup_by_process") or entry["speedup_vs_aten"]
+    # The entry's interval is over all its processes, also where the figure is one mode's (the modes keep no interval).
     farm_ci = entry.get("speedup_by_process_ci95") or entry["speedup_ci95"]
     modes = [allocator_mode(f["table"]) for f in delivered_faults or []]
     split = entry.get("allocator_modes") or {}
     mode = modes[0] if len(split) >= 2 and modes and len(set(modes)) == 1 and modes[0] in split else None
     farm = split[mode]["speedup_by_process"] if mode else all_modes
     got = delivered["speedup"]
-    error = farm / got - 1
+    error, error_all_modes = farm / got - 1, all_modes / got - 1
     row = {"key": key, "winner": entry["winner"], "farm": farm, "farm_ci95": farm_ci, "farm_mode": mode,
            "delivered": got, "delivered_ci95": delivered["ci95"], "rounds": delivered["rounds"], "error": error,
            "within": abs(error) <= tolerance, "intervals_overlap": stats.overlap(tuple(farm_ci), tuple(delivered["ci95"])),
-           "delivered_modes": modes, "farm_all_modes": all_modes, "error_all_modes": all_modes / got - 1,
-           "within_all_modes": abs(all_modes / got - 1) <= tolerance}
+           "delivered_modes": modes, "farm_all_modes": all_modes, "error_all_modes": error_all_modes,
+           "within_all_modes": abs(error_all_modes) <= tolerance}
     if "pooled" in delivered:
         pooled = delivered["pooled"]
         error_pooled = entry["speedup_vs_aten"] / pooled["speedup"] - 1
@@ -353,6 +354,13 @@ def _tables_by_weights(records: list[dict], workdir: str) -> dict[tuple[str, str
     return out
 
 
+def _table_entry(tables: dict, problem: dict, isa: str) -> tuple[str | None, dict | None]:
+    """The table (_tables_by_weights) that serves `problem` on `isa`, and its entry for the problem."""
+    path, doc = tables.get((problem["weights"], isa, problem["threads"]), (None, {"entries": []}))
+    key = {f: problem[f] for f in ("op", "dtype", "m", "n", "k", "group_size")}
+    return path, next((e for e in doc["entries"] if e["key"] == key), None)
+
+
 def delivered(runs: list[list[dict]], tasks: list, protocol, mode: str = "winners", progress=None) -> dict:
     """For each task (mode "winners": those whose table winner is not ATen), the farm's speedup
     against the delivered one; then the summary."""
@@ -381,9 +389,7 @@ def delivered_key(task, runs: list[list[dict]], protocol, mode: str, progress=No
     p = task.problem
     records = [r for rs in runs for r in rs if problem_key(r["problem"]) == task.key]
     with tempfile.TemporaryDirectory(prefix="farm-fidelity-") as workdir:
-        path, doc = _tables_by_weights(records, workdir).get((p.weights, task.isa, p.threads), (None, {"entries": []}))
-        key = {"op": p.op, "dtype": p.dtype, "m": p.m, "n": p.n, "k": p.k, "group_size": p.group_size}
-        entry = next((e for e in doc["entries"] if e["key"] == key), None)
+        path, entry = _table_entry(_tables_by_weights(records, workdir), p.as_dict(), task.isa)
         if entry is None:
             return {"skipped": {"key": task.key, "why": "no table entry (ATen did not measure ok)"}}
         if mode == "winners" and entry["winner"] == ATEN:
@@ -436,9 +442,7 @@ def rescore(saved: dict, records: list[dict]) -> dict:
             if old["key"] not in problems:
                 raise UserError(f"--rescore: the report's row {old['key']} has no record among the records given")
             p, isa = problems[old["key"]]["problem"], problems[old["key"]]["host"]["isa"]
-            doc = tables.get((p["weights"], isa, p["threads"]), (None, {"entries": []}))[1]
-            key = {f: p[f] for f in ("op", "dtype", "m", "n", "k", "group_size")}
-            entry = next((e for e in doc["entries"] if e["key"] == key), None)
+            entry = _table_entry(tables, p, isa)[1]
             if entry is None:
                 raise UserError(f"--rescore: the records of {old['key']} give no table entry (ATen did not measure ok)")
             per = old.get("delivered_by_process") or []
