@@ -143,7 +143,9 @@ def test_a_worker_node_killed_mid_sweep_loses_and_duplicates_nothing(tmp_path):
     from farm.cluster.localcluster import status
 
     state_dir = tempfile.mkdtemp(prefix="fk-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    spec = _spec(isa=[NATIVE], problems=[dict(TINY["problems"][0], m=[1, 8, 32, 64])])
+    # Three tasks on two nodes: the third starts as the first ends, so a task is still running when
+    # the first record is in.
+    spec = _spec(isa=[NATIVE], problems=[dict(TINY["problems"][0], m=[1, 8, 32])])
     store_path = str(tmp_path / "kill.db")
     with local_cluster(workers=("native", "native"), state_dir=state_dir) as info:
         outcome = {}
@@ -169,7 +171,7 @@ def test_a_worker_node_killed_mid_sweep_loses_and_duplicates_nothing(tmp_path):
     result = outcome["result"]
     assert result.failed == []
     rows = Store(store_path).records(result.run_id)
-    assert sorted(r["problem"]["m"] for r in rows) == [1, 8, 32, 64]
+    assert sorted(r["problem"]["m"] for r in rows) == [1, 8, 32]
 
 
 BAD_SPECS = {

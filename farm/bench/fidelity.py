@@ -382,7 +382,8 @@ def delivered_report(mode: str, results: list[dict]) -> dict:
             "summary": delivered_summary(rows)}
 
 
-def delivered_key(task, runs: list[list[dict]], protocol, mode: str, progress=None) -> dict:
+def delivered_key(task, runs: list[list[dict]], protocol, mode: str, progress=None,
+                  processes: int = DELIVERED_PROCESSES) -> dict:
     """One task: the runs' records of its key aggregated into a table (its entry depends on its
     own records only), the problem compiled with it and with the default and timed end to end;
     {"row": ...} or {"skipped": ...}."""
@@ -395,7 +396,7 @@ def delivered_key(task, runs: list[list[dict]], protocol, mode: str, progress=No
         if mode == "winners" and entry["winner"] == ATEN:
             return {"skipped": {"key": task.key, "why": "the default won: the table compiles the default's call"}}
         after_s = _since_last(records)
-        timed = time_delivered(p, path, protocol)
+        timed = time_delivered(p, path, protocol, processes=processes)
     pooled = delivered_speedup(timed["default_s"], timed["table_s"], protocol.bootstrap_resamples)
     by_process, ci = stats.process_level(timed["process_ratios"], protocol.bootstrap_resamples)
     row = measured_vs_delivered(task.key, entry, {"speedup": by_process, "ci95": list(ci), "rounds": pooled["rounds"],
@@ -463,9 +464,11 @@ def rescore(saved: dict, records: list[dict]) -> dict:
 
 
 def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None,
-        delivered_mode: str | None = None) -> tuple[dict, list[list[dict]]]:
+        delivered_mode: str | None = None, delivered_processes: int = DELIVERED_PROCESSES
+        ) -> tuple[dict, list[list[dict]]]:
     """Measure the spec's problems of this host's ISA class `runs` times; (report, records).
-    delivered_mode ("winners" or "all"): also the farm's speedup against the delivered one."""
+    delivered_mode ("winners" or "all"): also the farm's speedup against the delivered one, timed
+    in `delivered_processes` fresh processes."""
     from farm.errors import UserError
     from farm.measure.host import native_isa
     from farm.measure.manager import measure
@@ -478,6 +481,9 @@ def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None,
         raise UserError(f"{spec_path}: no problem of this host's ISA class {isa}")
     if delivered_mode:
         check_delivered_mode(delivered_mode)
+        if delivered_processes < 2:
+            raise UserError(f"--delivered-processes: {delivered_processes}; the delivered figure is a spread over "
+                            "processes, so it needs at least 2")
     out: list[list[dict]] = [[] for _ in range(runs)]
     results = []
     for index in range(runs):
@@ -492,7 +498,7 @@ def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None,
                 # Right after the key's last farm processes, not after every key's: the shared host
                 # drifts between the two sides (int4 M=128 2048x2048 dq: four farm processes at
                 # 1.39-1.48, the delivered ones 10-20 minutes later at 1.54-1.59).
-                results.append(delivered_key(task, out, spec.protocol, delivered_mode, progress))
+                results.append(delivered_key(task, out, spec.protocol, delivered_mode, progress, delivered_processes))
     rep = report(out)
     if delivered_mode:
         rep["delivered"] = delivered_report(delivered_mode, results)
@@ -574,7 +580,7 @@ def main_args(args) -> int:
         return 0
     if not args.spec:
         raise UserError("farm fidelity: name a sweep spec (or --rescore REPORT --records RECORDS)")
-    rep, records = run(args.spec, args.runs, args.limit, console.print, args.delivered)
+    rep, records = run(args.spec, args.runs, args.limit, console.print, args.delivered, args.delivered_processes)
     if args.records:
         with open(args.records, "w") as f:
             for r in (r for rs in records for r in rs):
@@ -594,6 +600,9 @@ def register(sub) -> None:
                    help="also compile each key with the runs' table and with the default, time both end to end "
                         "(paired, in the record's weight state) and compare with the farm's speedup: 'winners' "
                         "(the default) for keys with a non-default winner, 'all' for every key")
+    p.add_argument("--delivered-processes", type=int, default=DELIVERED_PROCESSES, metavar="N",
+                   help=f"with --delivered: fresh processes timing each key (default {DELIVERED_PROCESSES}, as many "
+                        "as the farm's two runs have; fewer is quicker and its figure wider)")
     p.add_argument("--rescore", default=None, metavar="REPORT",
                    help="recompute a saved `--json` report from its --records with this version's statistics "
                         "(its delivered rows as timed): nothing is measured")
