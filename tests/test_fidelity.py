@@ -514,7 +514,7 @@ def test_delivered_speedup_of_a_real_tiny_problem(quick_protocol, tmp_path):
 
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
-        "name": "tiny", "isa": "host", "threads": [2], "space": "minimal", "weights": ["warm"],
+        "name": "tiny", "isa": "host", "threads": [2], "space": "minimal", "candidates": ["cpp"], "weights": ["warm"],
         "protocol": asdict(quick_protocol),
         "problems": [{"model": "tiny", "layers": {"p": [256, 512]}, "ops": ["int8"], "dtypes": ["bf16"], "m": [32]}]}))
     # Two delivered processes, not the default four: the same steps, half the compiles (CI time).

@@ -22,7 +22,7 @@ SERVED = runnable(NATIVE)  # AVX512/AMX: itself + emulated avx2; AVX2: avx2
 MISSING = next(isa for isa in ("amx", "avx512") if isa not in SERVED)
 ROWS = 2 * len(SERVED)
 SPEC = {
-    "name": "nightly-tiny", "isa": SERVED, "threads": [2], "space": "minimal", "weights": ["warm"],
+    "name": "nightly-tiny", "isa": SERVED, "threads": [2], "space": "minimal", "candidates": ["cpp"], "weights": ["warm"],
     "timeout_s": 120, "worker_memory_gb": 2,
     "protocol": {"min_rounds": 5, "max_rounds": 9, "extra_rounds_step": 4, "batch_s": 0.003, "warmup_s": 0.01,
                  "processes": 1},

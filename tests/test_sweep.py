@@ -25,8 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = native_isa()
 SERVED = runnable(NATIVE)  # AVX512/AMX: itself + emulated avx2; AVX2: avx2
 MISSING = next(isa for isa in ("amx", "avx512") if isa not in SERVED)  # a class this machine cannot serve
+# ATen, its control and the template, not the whole minimal grid: what these tests check is where
+# tasks run and what is stored, and each candidate left out is a compile less per task.
 TINY = {
-    "name": "tiny", "isa": SERVED, "threads": [2], "space": "minimal", "weights": ["warm"],
+    "name": "tiny", "isa": SERVED, "threads": [2], "space": "minimal", "candidates": ["cpp"], "weights": ["warm"],
     "timeout_s": 120, "worker_memory_gb": 2,
     "protocol": {"min_rounds": 3, "max_rounds": 5, "extra_rounds_step": 2, "batch_s": 0.002, "warmup_s": 0.01,
                  "processes": 1},
@@ -64,6 +66,7 @@ def test_smoke_sized_sweep_places_every_task_on_its_class_and_writes_every_table
     records = Store(store_path).records(result.run_id)
     assert sorted((r["host"]["isa"], r["problem"]["m"]) for r in records) == sorted(
         (isa, m) for isa in SERVED for m in (1, 32))
+    assert all([c["id"] for c in r["candidates"]] == ["aten", "aten~aa", "cpp"] for r in records)  # the spec's candidates
     for r in records:
         assert r["host"]["emulated"] is (r["host"]["isa"] != NATIVE)
         assert r["node"]["aten_env"] == ("avx2" if r["host"]["emulated"] else None)
@@ -189,6 +192,8 @@ BAD_SPECS = {
     "string threads": ({"threads": ["two"]}, "threads: 'two' is not a int"),
     "bad protocol": ({"protocol": {"min_rounds": 0}}, "protocol.min_rounds"),
     "bad space": ({"space": "everything"}, "space: unknown value 'everything'"),
+    "bad candidate": ({"candidates": ["cpp", "cpp[tf=0,1,1]"]}, "candidates: 'cpp[tf=0,1,1]'"),
+    "empty candidates": ({"candidates": []}, "candidates: must not be empty"),
     "empty problems": ({"problems": []}, "problems: must be a non-empty list"),
     "missing M": ({"problems": [{k: v for k, v in TINY["problems"][0].items() if k != "m"}]}, ".m: missing"),
 }

@@ -50,7 +50,8 @@ def host_slots(by_isa: dict[str, list[dict]], isas: list[str]) -> int:
     return max(1, len(hosts))
 
 
-def _measure_on_node(problem: dict, isa: str, grid: str, protocol: dict, extra: list[str] | None = None) -> dict:
+def _measure_on_node(problem: dict, isa: str, grid: str, protocol: dict, extra: list[str] | None = None,
+                     only: list[str] | None = None) -> dict:
     """Runs on a worker node: the same measurement as `farm measure`, stamped with the node."""
     import ray
 
@@ -59,14 +60,17 @@ def _measure_on_node(problem: dict, isa: str, grid: str, protocol: dict, extra: 
     from farm.measure.protocol import Protocol
 
     ctx = ray.get_runtime_context()
-    record = measure(Problem.from_dict(problem), grid=grid, protocol=Protocol.from_dict(protocol), isa=isa, extra=extra)
+    record = measure(Problem.from_dict(problem), grid=grid, protocol=Protocol.from_dict(protocol), isa=isa, extra=extra,
+                     only=only or None)
     record["node"] = {"node_id": ctx.get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid(),
                       "aten_env": os.environ.get("ATEN_CPU_CAPABILITY")}
     return record
 
 
-def submit(problem: dict, isa: str, grid: str, protocol: dict, extra: list[str] | None = None):
-    """An ObjectRef of the record, placed on a node labelled with `isa`."""
+def submit(problem: dict, isa: str, grid: str, protocol: dict, extra: list[str] | None = None,
+           only: list[str] | None = None):
+    """An ObjectRef of the record, placed on a node labelled with `isa` (`only`: ATen, its control
+    and these instead of the grid)."""
     import ray
 
     remote = ray.remote(_measure_on_node).options(
@@ -76,4 +80,4 @@ def submit(problem: dict, isa: str, grid: str, protocol: dict, extra: list[str] 
         retry_exceptions=False,  # a farm bug is not retried; a dead node is
         name=f"measure:{isa}:{problem['op']}:{problem['m']}x{problem['n']}x{problem['k']}",
     )
-    return remote.remote(problem, isa, grid, protocol, list(extra or []))
+    return remote.remote(problem, isa, grid, protocol, list(extra or []), list(only or []))

@@ -137,7 +137,8 @@ def execute(tasks: list[Task], spec: Spec, store: Store, run_id: str, max_in_fli
         while pending or in_flight:
             while pending and len(in_flight) < slots:
                 task = pending.pop(0)
-                ref = dispatch.submit(task.problem.as_dict(), task.isa, spec.space, spec.protocol.as_dict(), task.extra)
+                ref = dispatch.submit(task.problem.as_dict(), task.isa, spec.space, spec.protocol.as_dict(), task.extra,
+                                      spec.candidates)
                 in_flight[ref] = task
                 submitted[ref] = time.perf_counter()
             ready, _ = ray.wait(list(in_flight), num_returns=1)

@@ -5,7 +5,8 @@
                                  # or `host`: the classes this machine serves (its own, and
                                  # AVX2 emulated when it is AVX512 or AMX)
     threads: [2]                 # thread counts (default: [2])
-    space: pruned                # or exhaustive
+    space: pruned                # or minimal, exhaustive
+    candidates: [cpp]            # optional, instead of the space: ATen, its A/A control and these
     weights: [cold]              # warm and/or cold
     timeout_s: 300               # per candidate, without progress
     worker_memory_gb: 8          # what one measurement may use on a worker
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kernels.candidates import DTYPES, GRIDS, OPS, space as candidate_space
+from kernels.candidates import ATEN, AA_CONTROL, DTYPES, GRIDS, OPS, CandidateError, check_bounds, parse as parse_candidate
+from kernels.candidates import space as candidate_space
 
 from farm.errors import UserError
 from farm.measure.host import ISA_CLASSES
@@ -31,7 +33,7 @@ from farm.measure.problem import WEIGHT_MODES, Problem, stack_size, validate
 from farm.measure.protocol import Protocol
 
 HOST = "host"  # stands for the classes the machine parsing the spec can serve
-TOP_LEVEL = {"name", "isa", "threads", "space", "weights", "timeout_s", "worker_memory_gb", "protocol", "problems", "description"}
+TOP_LEVEL = {"name", "isa", "threads", "space", "candidates", "weights", "timeout_s", "worker_memory_gb", "protocol", "problems", "description"}
 PROBLEM_FIELDS = {"model", "layers", "fused", "ops", "dtypes", "m", "group_size", "weights", "isa"}
 
 
@@ -61,6 +63,7 @@ class Spec:
     tasks: list[Task]
     worker_memory_gb: float
     raw: dict = field(default_factory=dict)
+    candidates: tuple[str, ...] = ()  # measured with ATen and its control instead of the space's grid
 
 
 def _list(value, where: str, kind=None) -> list:
@@ -89,6 +92,20 @@ def _memory_bytes(p: Problem, candidates: int) -> int:
     weights = p.weight_bytes * copies
     act = p.m * p.k * 4 + p.m * p.n * 4 * copies
     return weights + act + ((1 << 30) if p.flushed else 0)
+
+
+def _candidates(doc: dict, threads: list[int], where: str) -> tuple[str, ...]:
+    """The spec's `candidates` (empty: the space's grid), each a valid id at every thread count."""
+    if "candidates" not in doc:
+        return ()
+    ids = _list(doc["candidates"], where, str)
+    for cid in ids:
+        try:
+            for t in threads:
+                check_bounds(parse_candidate(cid), t)
+        except CandidateError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    return tuple(dict.fromkeys(c for c in ids if c not in (ATEN, AA_CONTROL)))
 
 
 def _layers(entry: dict, where: str) -> list[tuple[str, int, int]]:
@@ -133,6 +150,7 @@ def parse_spec(doc, source: str = "spec") -> Spec:
             raise UserError(f"{source}.threads: {t} is outside 1..1024")
     grid = doc.get("space", "pruned")
     _choice([grid], GRIDS, f"{source}.space")
+    only = _candidates(doc, threads, f"{source}.candidates")
     weights = _choice(_list(doc.get("weights", ["warm"]), f"{source}.weights", str), WEIGHT_MODES, f"{source}.weights")
     proto_raw = dict(doc.get("protocol") or {})
     if "timeout_s" in doc:
@@ -175,7 +193,8 @@ def parse_spec(doc, source: str = "spec") -> Spec:
                             for w in entry_weights:
                                 problem = Problem(op, dtype, m, n, k, group if op == "int4" else None, t, w)
                                 validate(problem, f"{where} ({layer}, {op}, m={m})")
-                                need = _memory_bytes(problem, len(candidate_space(t, grid, op)))
+                                count = len(only) + 2 if only else len(candidate_space(t, grid, op))
+                                need = _memory_bytes(problem, count)
                                 if need > memory_gb * (1 << 30):
                                     raise UserError(f"{where} ({layer}, {op}, m={m}): needs about {need / (1 << 30):.1f} GiB, "
                                                     f"more than worker_memory_gb={memory_gb}")
@@ -187,7 +206,7 @@ def parse_spec(doc, source: str = "spec") -> Spec:
         if (task.key, task.isa) not in seen:
             seen[(task.key, task.isa)] = task.label
             unique.append(task)
-    return Spec(name, isas, grid, protocol, unique, float(memory_gb), doc)
+    return Spec(name, isas, grid, protocol, unique, float(memory_gb), doc, only)
 
 
 def _unique_key_loader():
