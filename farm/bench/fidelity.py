@@ -489,7 +489,7 @@ def run(spec_path: str, runs: int = 2, limit: int | None = None, progress=None,
     for index in range(runs):
         for task in tasks:
             start = time.perf_counter()
-            record = measure(task.problem, grid=spec.space, protocol=spec.protocol, isa=isa, only=list(spec.candidates) or None)
+            record = measure(task.problem, grid=spec.space, protocol=spec.protocol, isa=isa, only=list(spec.candidates))
             record["label"] = task.label  # model.layer, as a sweep stores it (the rule's families)
             out[index].append(record)
             if progress:

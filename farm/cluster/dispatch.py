@@ -61,7 +61,7 @@ def _measure_on_node(problem: dict, isa: str, grid: str, protocol: dict, extra: 
 
     ctx = ray.get_runtime_context()
     record = measure(Problem.from_dict(problem), grid=grid, protocol=Protocol.from_dict(protocol), isa=isa, extra=extra,
-                     only=only or None)
+                     only=only)
     record["node"] = {"node_id": ctx.get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid(),
                       "aten_env": os.environ.get("ATEN_CPU_CAPABILITY")}
     return record
